@@ -1,0 +1,166 @@
+"""A model's training recipe: how to train another scVI exactly like it.
+
+Shadow models (membership inference) and exact retraining both need "the target's recipe":
+the same setup arguments, architecture and training arguments, on other cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scvi
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+# Arguments that steer the hardware or logging, not the statistical recipe.
+_NON_RECIPE_TRAIN_KEYS = {
+    "accelerator",
+    "devices",
+    "enable_progress_bar",
+    "logger",
+    "callbacks",
+    "datamodule",
+    "enable_checkpointing",
+    "strategy",
+    "trainer_config",
+}
+
+
+@dataclass
+class Recipe:
+    """Everything needed to train an scVI model like a given one.
+
+    Parameters
+    ----------
+    setup_kwargs
+        Arguments of ``SCVI.setup_anndata`` (``batch_key``, ``layer``, ...).
+    model_kwargs
+        Architecture arguments of the model constructor (``n_hidden``, ``n_latent``, ...).
+    train_kwargs
+        Arguments of ``model.train`` (``max_epochs``, ``batch_size``, ``train_size``,
+        ``plan_kwargs``, ...).
+    model_class
+        The scvi-tools model class name; only ``"SCVI"`` is supported.
+
+    Examples
+    --------
+    >>> r = Recipe(model_kwargs={"n_latent": 5}, train_kwargs={"max_epochs": 3})
+    >>> r.train_kwargs["max_epochs"]
+    3
+    >>> r.fingerprint() == Recipe.from_dict(r.to_dict()).fingerprint()
+    True
+    """
+
+    setup_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_class: str = "SCVI"
+
+    @classmethod
+    def from_model(cls, model, **train_overrides) -> Recipe:
+        """Read the recipe of a trained (or set-up) scVI model.
+
+        Training arguments are those recorded by :class:`scvi_unlearn.model.SCVI` when it was
+        trained. For a plain ``scvi.model.SCVI`` they are reconstructed: ``max_epochs`` from the
+        length of the training history, ``train_size`` from the stored train / validation
+        indices; anything else takes scvi-tools' default. ``train_overrides`` replace fields.
+        """
+        registry = model.adata_manager.registry if model.adata is not None else model.registry_
+        setup_kwargs = dict(registry.get("setup_args", {}))
+        init = getattr(model, "init_params_", {}) or {}
+        model_kwargs = dict(init.get("non_kwargs", {}))
+        model_kwargs.update(init.get("kwargs", {}).get("kwargs", {}) or {})
+        train_kwargs = dict(getattr(model, "train_kwargs_", None) or _infer_train_kwargs(model))
+        train_kwargs = {k: v for k, v in train_kwargs.items() if k not in _NON_RECIPE_TRAIN_KEYS}
+        splitter = train_kwargs.get("datasplitter_kwargs") or {}
+        if "external_indexing" in splitter:
+            raise ValueError(
+                "The recorded training arguments fix which cells to train on "
+                "(`external_indexing`); a recipe must not. Pass `datasplitter_kwargs` overrides."
+            )
+        train_kwargs.update(train_overrides)
+        return cls(setup_kwargs, model_kwargs, train_kwargs, type(model).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A short hash of the recipe, used to key shadow-model caches."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def fit(
+        self,
+        adata: AnnData,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        enable_progress_bar: bool = True,
+        model_cls: type | None = None,
+        **trainer_kwargs,
+    ):
+        """Train a fresh model with this recipe on ``adata`` (which it registers).
+
+        Parameters
+        ----------
+        adata
+            The cells to train on; scvi-tools writes its registry columns into it, so pass a
+            copy you own.
+        seed
+            Seed for ``scvi.settings.seed`` (weights, minibatches, train/validation split).
+        accelerator, devices, enable_progress_bar, trainer_kwargs
+            Passed to ``model.train``; they do not change the recipe.
+        model_cls
+            Class to instantiate; defaults to :class:`scvi_unlearn.model.SCVI`.
+        """
+        if model_cls is None:
+            from scvi_unlearn.model import SCVI as model_cls
+        scvi.settings.seed = int(seed)
+        model_cls.setup_anndata(adata, **self.setup_kwargs)
+        model = model_cls(adata, **self.model_kwargs)
+        kwargs = {**self.train_kwargs, **trainer_kwargs}
+        model.train(
+            accelerator=accelerator,
+            devices=devices,
+            enable_progress_bar=enable_progress_bar,
+            **kwargs,
+        )
+        return model
+
+
+def _infer_train_kwargs(model) -> dict[str, Any]:
+    """Best reconstruction of ``model.train`` arguments for a plain scvi-tools model."""
+    kwargs: dict[str, Any] = {}
+    history = getattr(model, "history_", None) or {}
+    if "elbo_train" in history:
+        kwargs["max_epochs"] = len(history["elbo_train"])
+    train_idx = getattr(model, "train_indices_", None)
+    val_idx = getattr(model, "validation_indices_", None)
+    if train_idx is not None:
+        n_train = len(train_idx)
+        n_val = 0 if val_idx is None else len(val_idx)
+        kwargs["train_size"] = 1.0 if n_val == 0 else round(n_train / (n_train + n_val), 4)
+    return kwargs
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj

@@ -1,0 +1,157 @@
+"""Membership-inference attacks on per-cell features (METHODS section 5).
+
+All attacks return a score per audited cell, higher = more member-like, and never fit on the
+labels they are scored against:
+
+- ``loss``: loss threshold (Yeom et al. 2018), no fitting at all;
+- ``lira_online`` / ``lira_offline``: likelihood-ratio attack (Carlini et al. 2022), fitted on
+  shadow models only;
+- ``shadow_classifier``: a classifier of shadow IN vs OUT features (Shokri et al. 2017),
+  fitted on shadow models only;
+- ``cv_classifier``: a classifier fitted against the audited model itself, scored out of fold
+  (stratified cross-validation), so no cell is scored by a classifier that saw its label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+ATTACKS: tuple[str, ...] = (
+    "loss",
+    "lira_online",
+    "lira_offline",
+    "shadow_classifier",
+    "cv_classifier",
+)
+SHADOW_ATTACKS = frozenset({"lira_online", "lira_offline", "shadow_classifier"})
+_LOG_2PI = np.log(2.0 * np.pi)
+
+
+def loss_scores(loss: np.ndarray) -> np.ndarray:
+    """Loss-threshold score: members have lower loss."""
+    return -np.asarray(loss, dtype=float)
+
+
+def _gaussian_logpdf(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    z = (x - mean) / std
+    return -0.5 * (z * z + _LOG_2PI) - np.log(std)
+
+
+def _masked_moments(values: np.ndarray, mask: np.ndarray, fix_variance: bool):
+    """Per-cell mean over shadows where ``mask``; std per cell, or pooled over cells."""
+    count = mask.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(mask, values, 0.0).sum(0) / count
+        resid = np.where(mask, values - mean, 0.0)
+        if fix_variance:
+            pooled = np.sqrt((resid**2).sum() / max(int(count.sum()) - 1, 1))
+            std = np.full(values.shape[1], pooled)
+        else:
+            std = np.sqrt((resid**2).sum(0) / np.maximum(count - 1, 1))
+    return mean, np.maximum(std, 1e-8), count
+
+
+def lira_scores(
+    target_loss: np.ndarray,
+    shadow_loss: np.ndarray,
+    in_mask: np.ndarray,
+    online: bool = True,
+    fix_variance: bool = True,
+) -> np.ndarray:
+    """Likelihood-ratio attack scores (Carlini et al. 2022).
+
+    Parameters
+    ----------
+    target_loss
+        ``(n_cells,)`` loss of each audited cell under the audited model.
+    shadow_loss
+        ``(n_shadows, n_cells)`` the same loss under each shadow model.
+    in_mask
+        ``(n_shadows, n_cells)`` whether each shadow trained on each cell.
+    online
+        Online: log N(loss; IN) - log N(loss; OUT) per cell. Offline: how far below the cell's
+        OUT distribution the loss lies, in OUT standard deviations (only OUT shadows needed).
+    fix_variance
+        Pool the variance over cells (Carlini et al.'s choice with few shadows).
+
+    Returns
+    -------
+    ``(n_cells,)`` scores, higher = more member-like; NaN where a cell lacks the shadows the
+    variant needs (no OUT shadow; for online also no IN shadow).
+
+    Examples
+    --------
+    >>> shadow = np.array([[1.0, 2.0], [3.0, 4.0], [1.2, 2.2], [2.8, 3.8]])
+    >>> inside = np.array([[True, True], [False, False], [True, True], [False, False]])
+    >>> s = lira_scores(np.array([1.1, 3.9]), shadow, inside)
+    >>> bool(s[0] > 0 > s[1])
+    True
+    """
+    x = np.asarray(target_loss, dtype=float)
+    values = np.asarray(shadow_loss, dtype=float)
+    in_mask = np.asarray(in_mask, dtype=bool)
+    mu_out, sd_out, n_out = _masked_moments(values, ~in_mask, fix_variance)
+    if not online:
+        score = (mu_out - x) / sd_out
+        return np.where(n_out > 0, score, np.nan)
+    mu_in, sd_in, n_in = _masked_moments(values, in_mask, fix_variance)
+    score = _gaussian_logpdf(x, mu_in, sd_in) - _gaussian_logpdf(x, mu_out, sd_out)
+    return np.where((n_in > 0) & (n_out > 0), score, np.nan)
+
+
+def fit_shadow_classifier(
+    shadow_features: np.ndarray,
+    in_mask: np.ndarray,
+    max_rows: int = 100_000,
+    seed: int = 0,
+):
+    """Fit a logistic-regression attacker on shadow features (IN = 1, OUT = 0).
+
+    Parameters
+    ----------
+    shadow_features
+        ``(n_shadows, n_cells, n_features)``.
+    in_mask
+        ``(n_shadows, n_cells)``.
+    max_rows
+        Subsample at most this many (shadow, cell) rows, balanced by construction of the shadows.
+    """
+    x = shadow_features.reshape(-1, shadow_features.shape[-1])
+    y = np.asarray(in_mask, dtype=int).reshape(-1)
+    if x.shape[0] > max_rows:
+        keep = np.random.default_rng(seed).choice(x.shape[0], size=max_rows, replace=False)
+        x, y = x[keep], y[keep]
+    if np.unique(y).size < 2:
+        raise ValueError("Shadow models give only one class (all IN or all OUT); add shadows.")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+    return clf.fit(x, y)
+
+
+def cv_classifier_scores(
+    member_features: np.ndarray,
+    nonmember_features: np.ndarray,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold scores of a classifier fitted on the audited model's own features.
+
+    Returns member and non-member scores; each cell is scored by a classifier fitted on the
+    other folds only. Raises if a class has fewer than 2 cells.
+    """
+    n_m, n_n = len(member_features), len(nonmember_features)
+    n_splits = min(n_splits, n_m, n_n)
+    if n_splits < 2:
+        raise ValueError("cv_classifier needs at least 2 members and 2 non-members.")
+    x = np.vstack([member_features, nonmember_features])
+    y = np.r_[np.ones(n_m, int), np.zeros(n_n, int)]
+    scores = np.empty(len(y))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for fit_idx, test_idx in folds.split(x, y):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+        clf.fit(x[fit_idx], y[fit_idx])
+        scores[test_idx] = clf.decision_function(x[test_idx])
+    return scores[:n_m], scores[n_m:]

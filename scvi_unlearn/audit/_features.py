@@ -1,0 +1,184 @@
+"""Per-cell membership-attack features from a fitted scVI model (METHODS section 4).
+
+Everything here is batched and deterministic: the latent code is the posterior mean, so two
+calls on the same model and cells return identical numbers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from torch.distributions import kl_divergence
+
+from scvi_unlearn._validation import as_cell_indices, check_genes_match, check_trained
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from scvi.model import SCVI
+
+#: Scalar per-cell features, in the order the attacks use them.
+SCALAR_FEATURES: tuple[str, ...] = (
+    "reconstruction_nll",
+    "kl_z",
+    "neg_elbo",
+    "reconstruction_per_count",
+    "kl_per_count",
+    "neg_elbo_per_count",
+    "log_library",
+    "z_mean_norm",
+    "z_var_mean",
+    "z_logvar_mean",
+)
+
+#: The score the loss-threshold attack and LiRA use (lower = more member-like).
+LOSS_FEATURE = "neg_elbo_per_count"
+
+
+def per_cell_loss_terms(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    """Per-cell loss terms of an scVI ``VAE`` at the posterior mean, differentiable.
+
+    Usable inside a training step (gradients flow to the module's parameters) and, under
+    ``torch.no_grad``, for attack features.
+
+    Parameters
+    ----------
+    module
+        An scvi-tools ``VAE`` (the ``model.module`` of :class:`scvi.model.SCVI`).
+    tensors
+        A minibatch as yielded by scvi-tools' ``AnnDataLoader``.
+
+    Returns
+    -------
+    Dict of 1-d tensors (one value per cell): ``reconstruction_nll`` (negative log-likelihood
+    of the counts), ``kl_z`` (KL of q(z|x) from the prior), ``neg_elbo`` (their sum, scVI's
+    own per-cell scale), ``library`` (total counts), plus 2-d ``qz_mean`` and ``qz_var``.
+    """
+    inference_inputs = module._get_inference_input(tensors)
+    inference_outputs = dict(module.inference(**inference_inputs))
+    qz = inference_outputs["qz"]
+    # Posterior mean instead of a sample: deterministic features and lower-variance gradients.
+    inference_outputs["z"] = module.z_encoder.z_transformation(qz.loc)
+    generative_inputs = module._get_generative_input(tensors, inference_outputs)
+    generative_outputs = module.generative(**generative_inputs)
+    x = tensors[REGISTRY_KEYS.X_KEY]
+    reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)
+    kl_z = kl_divergence(qz, generative_outputs["pz"]).sum(-1)
+    kl_l = torch.zeros_like(kl_z)
+    if inference_outputs.get("ql") is not None and generative_outputs.get("pl") is not None:
+        kl_l = kl_divergence(inference_outputs["ql"], generative_outputs["pl"]).sum(-1)
+    return {
+        "reconstruction_nll": reconstruction,
+        "kl_z": kl_z + kl_l,
+        "neg_elbo": reconstruction + kl_z + kl_l,
+        "library": x.sum(-1),
+        "qz_mean": qz.loc,
+        "qz_var": qz.scale.pow(2),
+    }
+
+
+def feature_matrix(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Stack :func:`per_cell_loss_terms` output into the scalar features, differentiably.
+
+    Returns a ``(n_cells, len(SCALAR_FEATURES))`` tensor whose columns follow
+    :data:`SCALAR_FEATURES`. Critics inside unlearning plans consume this.
+    """
+    library = terms["library"].clamp_min(1.0)
+    qz_var = terms["qz_var"].clamp_min(1e-12)
+    columns = [
+        terms["reconstruction_nll"],
+        terms["kl_z"],
+        terms["neg_elbo"],
+        terms["reconstruction_nll"] / library,
+        terms["kl_z"] / library,
+        terms["neg_elbo"] / library,
+        torch.log(library),
+        terms["qz_mean"].norm(dim=-1),
+        qz_var.mean(-1),
+        torch.log(qz_var).mean(-1),
+    ]
+    return torch.stack(columns, dim=-1)
+
+
+def _prepare_adata(model: SCVI, adata: AnnData | None) -> AnnData:
+    """Return an AnnData registered with ``model`` without writing into the user's object."""
+    if adata is None or adata is model.adata:
+        return model.adata
+    check_genes_match(model, adata)
+    # scvi-tools' validation writes registry columns into obs: do it on a shallow copy.
+    adata = adata.copy()
+    return model._validate_anndata(adata)
+
+
+@torch.no_grad()
+def attack_features(
+    model: SCVI,
+    adata: AnnData | None = None,
+    indices=None,
+    batch_size: int = 2048,
+    include_latent: bool = False,
+) -> pd.DataFrame:
+    """Compute per-cell attack features from a fitted scVI model.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`scvi.model.SCVI` (or subclass).
+    adata
+        AnnData with the model's genes; defaults to the model's own. It is never modified.
+    indices
+        Cells to featurise (integer positions, boolean mask or obs names); all cells if None.
+        Rows come back in the order given.
+    batch_size
+        Minibatch size; larger is faster on CPU, the result does not depend on it.
+    include_latent
+        Also return the posterior mean (``z_mean_*``) and variance (``z_var_*``) columns.
+
+    Returns
+    -------
+    DataFrame indexed by obs name with the columns of :data:`SCALAR_FEATURES` (plus latent
+    columns if requested). Two calls give identical values.
+
+    Examples
+    --------
+    >>> import scvi_unlearn as su
+    >>> adata = su.data.synthetic_pbmc(n_cells=200, n_genes=50, seed=0)
+    >>> model = su.model.SCVI.quick_fit(adata, max_epochs=2)  # doctest: +SKIP
+    """
+    check_trained(model)
+    adata = _prepare_adata(model, adata)
+    idx = (
+        np.arange(adata.n_obs)
+        if indices is None
+        else as_cell_indices(adata, indices, "indices", allow_empty=True, keep_order=True)
+    )
+    module = model.module
+    was_training = module.training
+    module.eval()
+    loader = model._make_data_loader(adata=adata, indices=idx, batch_size=batch_size)
+    chunks: list[torch.Tensor] = []
+    latents: list[torch.Tensor] = []
+    try:
+        for tensors in loader:
+            tensors = {
+                k: v.to(model.device) if torch.is_tensor(v) else v for k, v in tensors.items()
+            }
+            terms = per_cell_loss_terms(module, tensors)
+            chunks.append(feature_matrix(terms).double().cpu())
+            if include_latent:
+                latents.append(torch.cat([terms["qz_mean"], terms["qz_var"]], -1).double().cpu())
+    finally:
+        module.train(was_training)
+    values = (
+        torch.cat(chunks).numpy() if chunks else np.zeros((0, len(SCALAR_FEATURES)), np.float64)
+    )
+    frame = pd.DataFrame(values, index=adata.obs_names[idx], columns=list(SCALAR_FEATURES))
+    if include_latent and latents:
+        lat = torch.cat(latents).numpy()
+        n_latent = lat.shape[1] // 2
+        names = [f"z_mean_{i}" for i in range(n_latent)] + [f"z_var_{i}" for i in range(n_latent)]
+        frame = pd.concat([frame, pd.DataFrame(lat, index=frame.index, columns=names)], axis=1)
+    return frame

@@ -1,0 +1,366 @@
+"""MembershipInference: audit whether a fitted scVI model reveals which cells it trained on."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn._validation import (
+    as_cell_indices,
+    check_count_data,
+    check_disjoint,
+    check_genes_match,
+    check_trained,
+)
+from scvi_unlearn.audit._attacks import (
+    ATTACKS,
+    SHADOW_ATTACKS,
+    cv_classifier_scores,
+    fit_shadow_classifier,
+    lira_scores,
+    loss_scores,
+)
+from scvi_unlearn.audit._features import LOSS_FEATURE, SCALAR_FEATURES, attack_features
+from scvi_unlearn.audit._report import AuditReport, score_attack
+from scvi_unlearn.audit._shadows import ShadowPool, default_cache_dir, train_shadow_pool
+
+logger = logging.getLogger(__name__)
+_LOSS_COL = SCALAR_FEATURES.index(LOSS_FEATURE)
+
+
+class MembershipInference:
+    """Membership-inference audit of scVI models with shadow models and LiRA.
+
+    Shadow models follow the audited model's recipe (architecture and training arguments) and
+    are trained on random halves of a pool of cells, so each pool cell is IN for half of them
+    and OUT for the rest. Attacks are fitted on shadows (or cross-validated on the audited
+    model), so every AUC is out of sample, and each attack's AUC is compared with the same
+    attack's AUC under models that never trained on the audited cells (the OUT shadows, or
+    retrain models you pass), not with 0.5.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts, the genes of the models to audit. Never modified.
+    recipe
+        A trained scVI model whose recipe the shadows copy, or a :class:`~scvi_unlearn.Recipe`.
+    n_shadows
+        Number of shadow models (even). 16 is a good default; LiRA improves up to ~64.
+    pool
+        Cells the shadows may train on (positions, mask or obs names); all cells by default.
+        Audited cells outside the pool are OUT for every shadow (online LiRA skips them).
+    seed
+        Seed for the shadow halves and their training.
+    cache_dir
+        Where shadow features are cached (``$SCVI_UNLEARN_CACHE`` or
+        ``~/.cache/scvi_unlearn/shadows`` by default); ``False`` disables caching.
+    attacks
+        Which attacks to run; all of :data:`~scvi_unlearn.audit.ATTACKS` by default.
+    accelerator, devices
+        Passed to shadow training (Lightning).
+    **recipe_overrides
+        Replace recipe fields for the shadows (e.g. ``max_epochs``); recorded in the report,
+        since shadows that differ from the target weaken the attack.
+
+    Examples
+    --------
+    >>> import scvi_unlearn as su
+    >>> adata = su.data.synthetic_pbmc(n_cells=300, n_genes=60, seed=0)
+    >>> recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 2})
+    >>> mi = su.MembershipInference(adata, recipe=recipe, n_shadows=2, cache_dir=False)
+    >>> mi.n_shadows
+    2
+    """
+
+    def __init__(
+        self,
+        adata,
+        recipe,
+        n_shadows: int = 16,
+        pool=None,
+        seed: int = 0,
+        cache_dir: str | Path | bool | None = None,
+        attacks: tuple[str, ...] = ATTACKS,
+        accelerator: str = "auto",
+        devices="auto",
+        **recipe_overrides,
+    ):
+        if adata.n_obs < 4:
+            raise ValueError(f"The AnnData has {adata.n_obs} cells; an audit needs more.")
+        if not isinstance(n_shadows, int | np.integer) or n_shadows < 2 or n_shadows % 2:
+            raise ValueError(f"n_shadows must be an even integer >= 2, got {n_shadows!r}.")
+        unknown = set(attacks) - set(ATTACKS)
+        if unknown:
+            raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {list(ATTACKS)}.")
+        if isinstance(recipe, Recipe):
+            self.recipe = Recipe(**recipe.to_dict())
+            self.recipe.train_kwargs.update(recipe_overrides)
+        elif hasattr(recipe, "module") and hasattr(recipe, "adata_manager"):
+            check_trained(recipe)
+            check_genes_match(recipe, adata)
+            self.recipe = Recipe.from_model(recipe, **recipe_overrides)
+        else:
+            raise TypeError(
+                "`recipe` must be a trained scVI model or a scvi_unlearn.Recipe, got "
+                f"{type(recipe).__name__}."
+            )
+        check_count_data(adata, self.recipe.setup_kwargs.get("layer"))
+        self.adata = adata
+        self.n_shadows = int(n_shadows)
+        self.pool = (
+            np.arange(adata.n_obs) if pool is None else as_cell_indices(adata, pool, "pool")
+        )
+        self.seed = int(seed)
+        self.cache_dir = (
+            None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+        )
+        self.attacks = tuple(attacks)
+        self.recipe_overrides = dict(recipe_overrides)
+        self.accelerator = accelerator
+        self.devices = devices
+        self.shadows_: ShadowPool | None = None
+        self._classifier = None
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.shadows_ is not None else "not fitted"
+        return (
+            f"MembershipInference({self.n_shadows} shadows on {self.pool.size} cells, "
+            f"attacks={list(self.attacks)}, {state})"
+        )
+
+    # -- shadows ---------------------------------------------------------------------------
+    def fit(self, progress_bar: bool = True) -> MembershipInference:
+        """Train the shadow models (or load them from the cache). Returns ``self``."""
+        start = time.perf_counter()
+        self.shadows_ = train_shadow_pool(
+            self.adata,
+            self.recipe,
+            self.n_shadows,
+            self.pool,
+            self.seed,
+            self.cache_dir,
+            accelerator=self.accelerator,
+            devices=self.devices,
+            progress_bar=progress_bar,
+        )
+        self.fit_seconds_ = time.perf_counter() - start
+        self._classifier = None
+        return self
+
+    def _require_fit(self, attacks) -> ShadowPool | None:
+        if not SHADOW_ATTACKS & set(attacks):
+            return self.shadows_
+        if self.shadows_ is None:
+            raise RuntimeError("Call `MembershipInference.fit()` before a shadow-model attack.")
+        return self.shadows_
+
+    # -- audit -----------------------------------------------------------------------------
+    def audit(
+        self,
+        model,
+        members,
+        nonmembers,
+        reference_models: list | None = None,
+        attacks: tuple[str, ...] | None = None,
+        n_bootstrap: int = 1000,
+    ) -> AuditReport:
+        """Audit ``model``: can its training ``members`` be told from ``nonmembers``?
+
+        Parameters
+        ----------
+        model
+            The trained scVI model under audit (same genes as ``adata``).
+        members
+            Cells the model trained on (e.g. the forget set), as positions, mask or obs names
+            of ``adata``.
+        nonmembers
+            Cells from the same population the model never trained on.
+        reference_models
+            Models that never trained on ``members`` (e.g. retrain seeds). Their AUCs on the same
+            contrast form the reference band; without them the OUT shadow models supply it.
+        attacks
+            Subset of the attacks given at construction.
+        n_bootstrap
+            Bootstrap replicates for the 95% CIs.
+
+        Returns
+        -------
+        :class:`~scvi_unlearn.AuditReport`
+        """
+        start = time.perf_counter()
+        attacks = self.attacks if attacks is None else tuple(attacks)
+        members_idx, nonmembers_idx = self._check_cells(model, members, nonmembers)
+        shadows = self._require_fit(attacks)
+        cells = np.r_[members_idx, nonmembers_idx]
+        is_member = np.r_[np.ones(members_idx.size, bool), np.zeros(nonmembers_idx.size, bool)]
+        feats = self._features(model, cells)
+        refs = [self._features(m, cells) for m in reference_models or []]
+        results = {}
+        skipped = {}
+        for attack in attacks:
+            try:
+                scores = self._scores(attack, feats, cells, is_member)
+                ref_aucs, source = self._reference_aucs(attack, refs, cells, is_member)
+            except ValueError as exc:
+                skipped[attack] = str(exc)
+                continue
+            results[attack] = score_attack(
+                attack,
+                scores[is_member],
+                scores[~is_member],
+                ref_aucs,
+                source,
+                n_bootstrap=n_bootstrap,
+                seed=self.seed,
+            )
+        if not results:
+            raise ValueError(f"No attack could be run: {skipped}")
+        metadata = {
+            "n_members": int(members_idx.size),
+            "n_nonmembers": int(nonmembers_idx.size),
+            "member_names": self.adata.obs_names[members_idx].tolist(),
+            "nonmember_names": self.adata.obs_names[nonmembers_idx].tolist(),
+            "n_shadows": self.n_shadows if shadows is not None else 0,
+            "n_reference_models": len(refs),
+            "recipe": self.recipe.to_dict(),
+            "recipe_overrides": self.recipe_overrides,
+            "seed": self.seed,
+            "skipped_attacks": skipped,
+            "shadow_train_seconds": float(sum(shadows.train_seconds)) if shadows else 0.0,
+            "audit_seconds": time.perf_counter() - start,
+        }
+        return AuditReport(results=results, metadata=metadata)
+
+    def _check_cells(self, model, members, nonmembers):
+        check_trained(model)
+        check_genes_match(model, self.adata)
+        m = as_cell_indices(self.adata, members, "members")
+        n = as_cell_indices(self.adata, nonmembers, "nonmembers")
+        check_disjoint(m, n, "members", "nonmembers")
+        trained = self._trained_positions(model)
+        if trained is not None:
+            seen = np.intersect1d(n, trained)
+            if seen.size:
+                raise ValueError(
+                    f"{seen.size} of the `nonmembers` are in the audited model's training set "
+                    f"(e.g. {self.adata.obs_names[seen[:3]].tolist()}); non-members must be "
+                    "cells the model never trained on."
+                )
+            unseen = np.setdiff1d(m, trained)
+            if unseen.size:
+                warnings.warn(
+                    f"{unseen.size} of {m.size} `members` are not in the model's recorded "
+                    "training set; the audit treats them as members anyway.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return m, n
+
+    def _trained_positions(self, model) -> np.ndarray | None:
+        """Positions in ``self.adata`` of the cells the model trained on, if known."""
+        names = getattr(model, "train_obs_names_", None)
+        if names is None:
+            train = getattr(model, "train_indices", None)
+            if train is None or model.adata is None:
+                return None
+            names = model.adata.obs_names[np.asarray(train, dtype=int)]
+        pos = self.adata.obs_names.get_indexer(names)
+        return np.unique(pos[pos >= 0])
+
+    def _features(self, model, cells: np.ndarray) -> np.ndarray:
+        check_trained(model)
+        check_genes_match(model, self.adata)
+        same = (
+            model.adata is not None
+            and model.adata.n_obs == self.adata.n_obs
+            and np.array_equal(model.adata.obs_names, self.adata.obs_names)
+        )
+        adata = None if same else self.adata
+        return attack_features(model, adata, indices=cells).to_numpy()
+
+    # -- attacks ---------------------------------------------------------------------------
+    def _scores(self, attack, feats, cells, is_member, exclude: int | None = None) -> np.ndarray:
+        """Scores of ``attack`` for ``cells`` whose features under the audited model are
+        ``feats``; shadow ``exclude`` is left out of the calibration (used for references)."""
+        if attack == "loss":
+            return loss_scores(feats[:, _LOSS_COL])
+        if attack == "cv_classifier":
+            m_scores, n_scores = cv_classifier_scores(
+                feats[is_member], feats[~is_member], seed=self.seed
+            )
+            scores = np.empty(len(cells))
+            scores[is_member], scores[~is_member] = m_scores, n_scores
+            return scores
+        shadows = self.shadows_
+        keep = np.ones(shadows.n_shadows, bool)
+        if exclude is not None:
+            keep[exclude] = False
+        shadow_feats = shadows.features[keep][:, cells]
+        in_mask = shadows.in_mask[keep][:, cells]
+        if attack in ("lira_online", "lira_offline"):
+            scores = lira_scores(
+                feats[:, _LOSS_COL],
+                shadow_feats[..., _LOSS_COL],
+                in_mask,
+                online=attack == "lira_online",
+            )
+            if np.isnan(scores).any():
+                raise ValueError(
+                    f"{attack} needs IN and OUT shadow models for every audited cell; "
+                    f"{int(np.isnan(scores).sum())} cells lack them (are they outside the pool?)."
+                )
+            return scores
+        if attack == "shadow_classifier":
+            clf = self._shadow_classifier(exclude)
+            return clf.decision_function(feats)
+        raise ValueError(f"Unknown attack {attack!r}.")
+
+    def _shadow_classifier(self, exclude: int | None):
+        if exclude is None and self._classifier is not None:
+            return self._classifier
+        shadows = self.shadows_
+        keep = np.ones(shadows.n_shadows, bool)
+        if exclude is not None:
+            keep[exclude] = False
+        pool = shadows.pool
+        clf = fit_shadow_classifier(
+            shadows.features[keep][:, pool], shadows.in_mask[keep][:, pool], seed=self.seed
+        )
+        if exclude is None:
+            self._classifier = clf
+        return clf
+
+    def _reference_aucs(self, attack, refs, cells, is_member) -> tuple[list[float], str]:
+        """The attack's AUC on the same contrast under models that never saw the cells."""
+        from scvi_unlearn.audit._metrics import auc_from_scores
+
+        if refs:
+            aucs = []
+            for ref_feats in refs:
+                s = self._scores(attack, ref_feats, cells, is_member)
+                aucs.append(float(auc_from_scores(s[is_member], s[~is_member])))
+            return aucs, f"{len(refs)} reference models"
+        shadows = self.shadows_
+        if shadows is None:
+            return [], ""
+        aucs = []
+        # Each shadow in turn plays the audited model, on the audited cells it did NOT train on,
+        # calibrated by the other shadows: the attack's score when membership is absent.
+        for k in range(shadows.n_shadows):
+            out = ~shadows.in_mask[k, cells]
+            m_out, n_out = out & is_member, out & ~is_member
+            if m_out.sum() < 2 or n_out.sum() < 2:
+                continue
+            sub = np.flatnonzero(out)
+            feats_k = shadows.features[k, cells[sub]]
+            try:
+                s = self._scores(attack, feats_k, cells[sub], is_member[sub], exclude=k)
+            except ValueError:
+                continue
+            aucs.append(float(auc_from_scores(s[is_member[sub]], s[~is_member[sub]])))
+        return aucs, f"{len(aucs)} OUT shadow models"

@@ -1,0 +1,211 @@
+"""Shadow scVI models: trained with the target's recipe on random halves of a cell pool.
+
+Shadows are per dataset (and recipe), not per forget set: they are trained once, their
+features on every cell are cached on disk, and any later audit of the same data reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from scvi.utils import track
+
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn.audit._features import SCALAR_FEATURES, attack_features
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$SCVI_UNLEARN_CACHE`` or ``~/.cache/scvi_unlearn/shadows``."""
+    env = os.environ.get("SCVI_UNLEARN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "scvi_unlearn" / "shadows"
+
+
+def adata_fingerprint(adata) -> str:
+    """Hash of the cells, genes and counts, so a cache is never reused on other data."""
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, adata.obs_names)).encode())
+    h.update("\n".join(map(str, adata.var_names)).encode())
+    x = adata.X
+    if sparse.issparse(x):
+        x = x.tocsr()
+        for part in (x.indptr, x.indices, x.data):
+            h.update(np.ascontiguousarray(part).tobytes())
+    else:
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:16]
+
+
+def balanced_membership(n_shadows: int, n_cells: int, seed: int) -> np.ndarray:
+    """``(n_shadows, n_cells)`` mask in which every cell is IN for exactly half the shadows.
+
+    Examples
+    --------
+    >>> m = balanced_membership(4, 6, seed=0)
+    >>> m.sum(0).tolist()
+    [2, 2, 2, 2, 2, 2]
+    """
+    if n_shadows < 2 or n_shadows % 2:
+        raise ValueError(f"n_shadows must be an even number >= 2, got {n_shadows}.")
+    rng = np.random.default_rng(seed)
+    # Rank random keys within each cell: the lower half of shadows train on it (Carlini et al.).
+    keys = rng.random((n_shadows, n_cells))
+    return keys.argsort(0).argsort(0) < n_shadows // 2
+
+
+@dataclass
+class ShadowPool:
+    """Shadow models trained with one recipe on random halves of ``pool`` cells.
+
+    Attributes
+    ----------
+    features
+        ``(n_shadows, n_obs, n_features)`` features of every cell under every shadow.
+    in_mask
+        ``(n_shadows, n_obs)`` whether the shadow actually trained on the cell (cells outside the
+        pool, and cells a recipe put in scVI's validation split, are OUT).
+    """
+
+    features: np.ndarray
+    in_mask: np.ndarray
+    pool: np.ndarray
+    feature_names: tuple[str, ...]
+    train_seconds: list[float]
+
+    @property
+    def n_shadows(self) -> int:
+        return int(self.in_mask.shape[0])
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(
+            path,
+            features=self.features,
+            in_mask=self.in_mask,
+            pool=self.pool,
+            feature_names=np.array(self.feature_names),
+            train_seconds=np.array(self.train_seconds),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ShadowPool:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(
+                features=f["features"],
+                in_mask=f["in_mask"],
+                pool=f["pool"],
+                feature_names=tuple(f["feature_names"].tolist()),
+                train_seconds=f["train_seconds"].tolist(),
+            )
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Silence Lightning's per-fit banners while many shadow models train."""
+    names = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "scvi.model.base._base_model",
+    )
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def train_shadow_pool(
+    adata,
+    recipe: Recipe,
+    n_shadows: int,
+    pool: np.ndarray,
+    seed: int,
+    cache_dir: Path | None,
+    accelerator: str = "auto",
+    devices="auto",
+    progress_bar: bool = True,
+    feature_batch_size: int = 2048,
+) -> ShadowPool:
+    """Train (or load from cache) the shadow models and featurise every cell under each.
+
+    Each shadow is cached as soon as it is done, so an interrupted run resumes.
+    """
+    membership = balanced_membership(n_shadows, pool.size, seed)
+    key = _cache_key(adata, recipe, n_shadows, pool, seed)
+    folder = None if cache_dir is None else Path(cache_dir) / key
+    if folder is not None:
+        done = folder / "pool.npz"
+        if done.exists():
+            logger.info("Loading cached shadow models from %s", folder)
+            return ShadowPool.load(done)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").write_text(
+            json.dumps(
+                {
+                    "recipe": recipe.to_dict(),
+                    "n_shadows": n_shadows,
+                    "seed": seed,
+                    "n_pool": int(pool.size),
+                    "version": _CACHE_VERSION,
+                },
+                indent=2,
+            )
+        )
+    features = np.empty((n_shadows, adata.n_obs, len(SCALAR_FEATURES)))
+    in_mask = np.zeros((n_shadows, adata.n_obs), dtype=bool)
+    seconds: list[float] = []
+    for k in track(
+        range(n_shadows), description="Training shadow models", disable=not progress_bar
+    ):
+        part = None if folder is None else folder / f"shadow_{k}.npz"
+        if part is not None and part.exists():
+            with np.load(part) as f:
+                features[k], in_mask[k] = f["features"], f["in_mask"]
+                seconds.append(float(f["seconds"]))
+            continue
+        start = time.perf_counter()
+        cells = pool[membership[k]]
+        with _quiet_lightning():
+            shadow = recipe.fit(
+                adata[cells].copy(),
+                seed=seed * 10_007 + k,
+                accelerator=accelerator,
+                devices=devices,
+                enable_progress_bar=False,
+            )
+            # scVI may hold some cells out for validation: only trained cells are IN.
+            in_mask[k, cells[np.asarray(shadow.train_indices, dtype=int)]] = True
+            features[k] = attack_features(shadow, adata, batch_size=feature_batch_size).to_numpy()
+        seconds.append(time.perf_counter() - start)
+        if part is not None:
+            np.savez_compressed(
+                part, features=features[k], in_mask=in_mask[k], seconds=seconds[-1]
+            )
+    result = ShadowPool(features, in_mask, pool, SCALAR_FEATURES, seconds)
+    if folder is not None:
+        result.save(folder / "pool.npz")
+    return result
+
+
+def _cache_key(adata, recipe: Recipe, n_shadows: int, pool: np.ndarray, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(adata_fingerprint(adata).encode())
+    h.update(recipe.fingerprint().encode())
+    h.update(np.ascontiguousarray(pool, dtype=np.int64).tobytes())
+    h.update(f"{n_shadows}-{seed}-v{_CACHE_VERSION}".encode())
+    return f"shadows-{h.hexdigest()[:20]}"

@@ -1,0 +1,6 @@
+"""User-facing models: scVI that can forget cells."""
+
+from scvi_unlearn.model._mixin import UnlearningMixin
+from scvi_unlearn.model._scvi import SCVI
+
+__all__ = ["SCVI", "UnlearningMixin"]

@@ -1,0 +1,140 @@
+"""Loading scvi-tools model files without executing arbitrary pickled code.
+
+scvi-tools saves ``model.pt`` with ``torch.save`` and loads it with ``weights_only=False``,
+which runs whatever a (possibly tampered) pickle asks for. We load with
+``weights_only=True`` and allow only the plain data containers scvi-tools writes there
+(numpy arrays, pandas frames and indices of its training history, builtins).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import pickle
+import types
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def _allowed_globals() -> list:
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.indexes.base import _new_Index
+    from pandas.core.internals.managers import BlockManager
+
+    numpy_core = getattr(np, "_core", None) or np.core
+    allowed = [
+        numpy_core.multiarray._reconstruct,
+        numpy_core.multiarray.scalar,
+        np.ndarray,
+        np.dtype,
+        pd.DataFrame,
+        pd.Series,
+        pd.Index,
+        pd.RangeIndex,
+        pd.Categorical,
+        pd.CategoricalDtype,
+        BlockManager,
+        _unpickle_block,
+        _new_Index,
+        collections.OrderedDict,
+        collections.defaultdict,
+        bytes,
+        slice,
+        dict,
+        set,
+        frozenset,
+    ]
+    # numpy >= 1.25 pickles dtypes through numpy.dtypes.<Name>DType classes.
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def _allowed_by_name() -> dict[str, object]:
+    from torch import _weights_only_unpickler
+
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    for obj in _allowed_globals():
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    # numpy pickles its private core module under either name, depending on the version.
+    for key in list(allowed):
+        if key.startswith("numpy._core."):
+            allowed["numpy.core." + key[len("numpy._core.") :]] = allowed[key]
+        if key.startswith("builtins."):  # pickle protocol 2 spells it the Python 2 way
+            allowed["__builtin__." + key[len("builtins.") :]] = allowed[key]
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only allow-listed globals (no arbitrary callables).
+
+    ``torch.load(weights_only=True)`` cannot rebuild the ``collections.defaultdict`` that
+    scvi-tools stores in every ``model.pt``; this unpickler applies the same idea (only known
+    data constructors may run) with that container allowed.
+    """
+
+    _allowed: dict[str, object] | None = None
+
+    def find_class(self, module: str, name: str):
+        if _RestrictedUnpickler._allowed is None:
+            _RestrictedUnpickler._allowed = _allowed_by_name()
+        key = f"{module}.{name}"
+        if key in _RestrictedUnpickler._allowed:
+            return _RestrictedUnpickler._allowed[key]
+        raise pickle.UnpicklingError(
+            f"global '{key}' is not an allowed data container; refusing to load it"
+        )
+
+
+_restricted_pickle = types.SimpleNamespace(
+    Unpickler=_RestrictedUnpickler,
+    load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load(),
+    __name__="scvi_unlearn_restricted_pickle",
+)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None, _torch_load=None):
+    """Load a ``torch.save`` file without executing arbitrary pickled code.
+
+    Tries ``torch.load(weights_only=True)`` with scvi-tools' data containers allowed; files
+    written by scvi-tools (which include a ``defaultdict`` the weights-only loader cannot
+    rebuild) are read with a restricted unpickler that resolves only allow-listed globals.
+
+    Raises
+    ------
+    RuntimeError
+        If the file holds any other pickled object; the message names it.
+    """
+    load = _torch_load or torch.load
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return load(
+            path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle
+        )
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(
+            f"Refusing to load {path}: {exc}. Loading it could execute arbitrary code. If you "
+            "trust the file, load it with `scvi.model.SCVI.load` and wrap the result with "
+            "`scvi_unlearn.model.SCVI.from_scvi(model)`."
+        ) from exc
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Within the block, ``torch.load`` (as called by scvi-tools' ``load``) is the safe loader."""
+    original = torch.load
+
+    def _load(f, map_location=None, *args, **kwargs):
+        return safe_torch_load(f, map_location=map_location, _torch_load=original)
+
+    with mock.patch("torch.load", _load):
+        yield

@@ -1,0 +1,67 @@
+"""ROC curves of an audit."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from scvi_unlearn.pl._utils import finish
+
+
+def roc_curves(
+    report,
+    attacks: list[str] | None = None,
+    log_scale: bool = True,
+    ax=None,
+    show: bool | None = None,
+    save: str | None = None,
+    title: str | None = None,
+):
+    """Plot the ROC curve of each attack in an :class:`~scvi_unlearn.AuditReport`.
+
+    Parameters
+    ----------
+    report
+        The audit report.
+    attacks
+        Attacks to draw; all by default.
+    log_scale
+        Log-log axes, which show the low-FPR regime where confident leaks live (Carlini et al.).
+    ax
+        Matplotlib axes to draw on; a new figure if None.
+    show
+        Show the figure (default: only when no ``ax`` was given and not saving).
+    save
+        Path to save the figure to.
+    title
+        Axes title; defaults to the report's verdict.
+
+    Returns
+    -------
+    The matplotlib axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.2))
+        owns = True
+    else:
+        owns = False
+    for name, r in report.results.items():
+        if attacks is not None and name not in attacks:
+            continue
+        y = np.r_[np.ones(len(r.member_scores)), np.zeros(len(r.nonmember_scores))]
+        fpr, tpr, _ = roc_curve(y, np.r_[r.member_scores, r.nonmember_scores])
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {r.auc:.2f})")
+    lims = (1e-3, 1) if log_scale else (0, 1)
+    ax.plot(lims, lims, ls="--", c="grey", lw=1, label="chance")
+    if log_scale:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(*lims)
+        ax.set_ylim(*lims)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title if title is not None else f"Membership audit: {report.verdict}")
+    ax.legend(fontsize=7, loc="lower right")
+    return finish(ax, show=show if show is not None else (owns and save is None), save=save)
