@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 #: Demo sizes: ``quick`` finishes in about a minute on 2 CPU cores.
@@ -29,31 +28,8 @@ def demo_recipe(max_epochs: int):
 
 
 def train_target(adata, split, recipe, seed: int = 0, accelerator: str = "cpu"):
-    """Train ``recipe`` on ``split.train`` of ``adata`` (a copy), keeping every cell in the
-    model's AnnData so that held-out cells can be featurised and audited later."""
-    import scvi
-
-    from scvi_unlearn.model import SCVI
-
-    adata = adata.copy()
-    scvi.settings.seed = seed
-    SCVI.setup_anndata(adata, **recipe.setup_kwargs)
-    model = SCVI(adata, **recipe.model_kwargs)
-    kwargs = dict(recipe.train_kwargs)
-    kwargs.pop("train_size", None)
-    model.train(
-        accelerator=accelerator,
-        # scvi-tools wants every cell in a split: held-out cells form its (unused) test set.
-        datasplitter_kwargs={
-            "external_indexing": [
-                np.asarray(split.train),
-                np.array([], dtype=np.int64),
-                np.asarray(split.heldout),
-            ]
-        },
-        **kwargs,
-    )
-    return model
+    """Train ``recipe`` on ``split.train``, keeping every cell in the model's AnnData."""
+    return recipe.fit_cells(adata, split.train, seed=seed, accelerator=accelerator)
 
 
 def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int = 0) -> dict:

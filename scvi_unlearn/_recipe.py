@@ -139,6 +139,45 @@ class Recipe:
         return model
 
 
+    def fit_cells(
+        self,
+        adata: AnnData,
+        train_idx,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        enable_progress_bar: bool = True,
+        **trainer_kwargs,
+    ):
+        """Train on ``train_idx`` only, keeping every cell of ``adata`` in the model.
+
+        Held-out cells stay in ``model.adata`` (as scvi-tools' test split), so audits and
+        unlearning can refer to them; ``model.train_indices`` records exactly ``train_idx``.
+        ``adata`` is copied, never modified.
+        """
+        from scvi_unlearn._validation import as_cell_indices
+        from scvi_unlearn.model import SCVI
+
+        train_idx = as_cell_indices(adata, train_idx, "train_idx")
+        rest = np.setdiff1d(np.arange(adata.n_obs), train_idx)
+        adata = adata.copy()
+        scvi.settings.seed = int(seed)
+        SCVI.setup_anndata(adata, **self.setup_kwargs)
+        model = SCVI(adata, **self.model_kwargs)
+        kwargs = {k: v for k, v in self.train_kwargs.items() if k != "train_size"}
+        splitter = dict(kwargs.pop("datasplitter_kwargs", None) or {})
+        # scvi-tools wants every cell in a split: the others form its (unused) test set.
+        splitter["external_indexing"] = [train_idx, np.array([], dtype=np.int64), rest]
+        model.train(
+            accelerator=accelerator,
+            devices=devices,
+            enable_progress_bar=enable_progress_bar,
+            datasplitter_kwargs=splitter,
+            **{**kwargs, **trainer_kwargs},
+        )
+        return model
+
+
 def _infer_train_kwargs(model) -> dict[str, Any]:
     """Best reconstruction of ``model.train`` arguments for a plain scvi-tools model."""
     kwargs: dict[str, Any] = {}

@@ -145,8 +145,14 @@ def attack_features(
     Examples
     --------
     >>> import scvi_unlearn as su
-    >>> adata = su.data.synthetic_pbmc(n_cells=200, n_genes=50, seed=0)
-    >>> model = su.model.SCVI.quick_fit(adata, max_epochs=2)  # doctest: +SKIP
+    >>> adata = su.data.synthetic_pbmc(n_cells=100, n_genes=50, seed=0)
+    >>> recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 2})
+    >>> model = recipe.fit(adata.copy(), accelerator="cpu", enable_progress_bar=False)
+    >>> features = su.attack_features(model, indices=[3, 1])
+    >>> features.shape, features.index.tolist()
+    ((2, 10), ['cell_0003', 'cell_0001'])
+    >>> features.equals(su.attack_features(model, indices=[3, 1]))
+    True
     """
     check_trained(model)
     adata = _prepare_adata(model, adata)

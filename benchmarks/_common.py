@@ -1,0 +1,22 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = False) -> str:
+    """A GitHub markdown table (no extra dependency)."""
+    frame = frame.reset_index() if index else frame
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return str(v)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
