@@ -33,7 +33,10 @@ def train_target(adata, split, recipe, seed: int = 0, accelerator: str = "cpu"):
 
 
 def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int = 0) -> dict:
-    """Train scVI on synthetic PBMCs, audit the rare population, write a report.
+    """Train scVI on synthetic PBMCs, audit the rare population, unlearn it, audit again.
+
+    Methods: extra-gradient co-training, Fisher scrubbing and exact retraining; one table
+    compares their audit (LiRA AUC vs the OUT-shadow reference), utility and time.
 
     Returns a dict with the ``summary`` table and the :class:`~scvi_unlearn.AuditReport`.
     """
@@ -46,7 +49,7 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adata = su.data.synthetic_pbmc(
-        n_cells=settings["n_cells"], n_genes=settings["n_genes"], seed=seed
+        n_cells=settings["n_cells"], n_genes=settings["n_genes"], rare_fraction=0.05, seed=seed
     )
     split = su.data.membership_split(adata, ("cell_type", RARE_TYPE), seed=seed)
     print(f"Data: {adata.n_obs} cells x {adata.n_vars} genes; {split!r}")
@@ -63,16 +66,46 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     print(report.explain())
     report.to_json(str(out / "audit_baseline.json"))
     report.plot_roc(save=str(out / "audit_baseline_roc.png"), show=False)
-    rows: list[dict[str, Any]] = [_row("baseline (trained on the forget cells)", report,
-                                       train_seconds)]
+    background = [i for i in split.heldout if i not in set(split.nonmember)]
+    rows: list[dict[str, Any]] = [
+        _row(
+            "baseline (trained on the forget cells)",
+            report,
+            train_seconds,
+            su.utility.utility_metrics(model, indices=background),
+        )
+    ]
+    # Methods see only the selection non-members; unlearning audits report on the others.
+    non_sel, non_rep = su.data.validation_split(split.nonmember, 0.5, seed=seed)
+    for method in ("extragradient", "fisher", "retrain"):
+        print(f"\nUnlearning the {split.forget.size} {RARE_TYPE} cells with {method} ...")
+        start = time.perf_counter()
+        forgotten = model.unlearn(
+            split.forget,
+            method=method,
+            nonmembers=non_sel,
+            seed=seed,
+            accelerator="cpu",
+        )
+        seconds = time.perf_counter() - start
+        rep = mi.audit(forgotten, members=split.forget, nonmembers=non_rep)
+        rep.to_json(str(out / f"audit_{method}.json"))
+        forgotten.save(str(out / f"model_{method}"), overwrite=True)
+        rows.append(
+            _row(method, rep, seconds, su.utility.utility_metrics(forgotten, indices=background))
+        )
     summary = pd.DataFrame(rows)
     summary.to_csv(out / "demo_summary.csv", index=False)
     (out / "demo_summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    print(
+        "\nNote: the adversarial method's critics and early stopping saw the non-members "
+        "audited here; the benchmarks keep separate selection and reporting cells."
+    )
     print(summary.to_string(index=False))
     return {"summary": rows, "report": report, "model": model, "split": split}
 
 
-def _row(name: str, report, seconds: float) -> dict[str, Any]:
+def _row(name: str, report, seconds: float, utility: dict) -> dict[str, Any]:
     lira = report.results.get("lira_online", report.strongest)
     loss = report.results.get("loss")
     return {
@@ -82,5 +115,7 @@ def _row(name: str, report, seconds: float) -> dict[str, Any]:
         "lira_auc_ci": [round(v, 3) for v in lira.auc_ci],
         "reference_band": [round(v, 3) for v in lira.reference_band],
         "loss_auc": None if loss is None else round(loss.auc, 3),
+        "heldout_neg_elbo": round(utility["neg_elbo"], 2),
+        "knn_accuracy": round(utility["knn_accuracy"], 3),
         "seconds": round(seconds, 1),
     }

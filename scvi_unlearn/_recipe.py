@@ -129,7 +129,7 @@ class Recipe:
         scvi.settings.seed = int(seed)
         model_cls.setup_anndata(adata, **self.setup_kwargs)
         model = model_cls(adata, **self.model_kwargs)
-        kwargs = {**self.train_kwargs, **trainer_kwargs}
+        kwargs = _avoid_single_cell_batch({**self.train_kwargs, **trainer_kwargs}, adata.n_obs)
         model.train(
             accelerator=accelerator,
             devices=devices,
@@ -168,14 +168,37 @@ class Recipe:
         splitter = dict(kwargs.pop("datasplitter_kwargs", None) or {})
         # scvi-tools wants every cell in a split: the others form its (unused) test set.
         splitter["external_indexing"] = [train_idx, np.array([], dtype=np.int64), rest]
+        kwargs = _avoid_single_cell_batch(
+            {**kwargs, **trainer_kwargs, "datasplitter_kwargs": splitter, "train_size": 1.0},
+            train_idx.size,
+        )
+        kwargs.pop("train_size")
         model.train(
             accelerator=accelerator,
             devices=devices,
             enable_progress_bar=enable_progress_bar,
-            datasplitter_kwargs=splitter,
-            **{**kwargs, **trainer_kwargs},
+            **kwargs,
         )
         return model
+
+
+def _avoid_single_cell_batch(train_kwargs: dict[str, Any], n_cells: int) -> dict[str, Any]:
+    """Drop a last minibatch of one cell, which BatchNorm cannot train on.
+
+    scVI fails with "Expected more than 1 value per channel" when the number of training cells
+    is 1 modulo the batch size; shadow halves and retained sets hit this by chance.
+    """
+    from scvi.dataloaders._data_splitting import validate_data_split
+
+    batch_size = int(train_kwargs.get("batch_size") or scvi.settings.batch_size)
+    train_size = train_kwargs.get("train_size")
+    validation_size = train_kwargs.get("validation_size")
+    n_train, _ = validate_data_split(n_cells, train_size or 0.9, validation_size)
+    if n_train % batch_size != 1:
+        return train_kwargs
+    splitter = dict(train_kwargs.get("datasplitter_kwargs") or {})
+    splitter["drop_last"] = True
+    return {**train_kwargs, "datasplitter_kwargs": splitter}
 
 
 def _infer_train_kwargs(model) -> dict[str, Any]:

@@ -120,6 +120,57 @@ def _write_report(report, out: Path) -> int:
     return 0
 
 
+def _parse_hyperparameters(pairs: list[str]) -> dict:
+    """``["lambda_=5", "n_critics=3"]`` -> ``{"lambda_": 5.0, "n_critics": 3}`` (JSON values)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}.")
+        name, value = pair.split("=", 1)
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def cmd_unlearn(args) -> int:
+    import anndata
+
+    import scvi_unlearn as su
+
+    adata = anndata.read_h5ad(args.data)
+    model = su.model.SCVI.load(args.model_dir, adata)
+    names = getattr(model, "train_obs_names_", None)
+    train = (
+        model.adata.obs_names.get_indexer(names)
+        if names is not None
+        else np.asarray(model.train_indices, dtype=int)
+    )
+    forget = su.data.parse_forget_spec(model.adata, args.forget, within=train)
+    nonmembers = _read_index_file(model.adata, args.nonmembers) if args.nonmembers else None
+    forgotten = model.unlearn(
+        forget,
+        method=args.method,
+        nonmembers=nonmembers,
+        seed=args.seed,
+        audit=args.audit,
+        accelerator=args.accelerator,
+        max_epochs=args.max_epochs,
+        **_parse_hyperparameters(args.param),
+    )
+    forgotten.save(args.out, overwrite=args.overwrite)
+    event = forgotten.provenance["events"][-1]
+    print(
+        f"Forgot {event['n_forgotten']} cells with {event['method']} in "
+        f"{event['wall_time_s']:.1f} s; saved to {args.out} (provenance: "
+        f"{args.out}/unlearning_provenance.json)."
+    )
+    if args.audit:
+        print(event["audit"]["explanation"])
+    return 0
+
+
 def cmd_demo(args) -> int:
     from scvi_unlearn._demo import run_demo
 
@@ -158,6 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", default="audit_output")
     audit.set_defaults(func=cmd_audit)
 
+    unlearn = sub.add_parser("unlearn", help="Remove cells from a saved scVI model.")
+    unlearn.add_argument("model_dir", help="Directory written by scvi.model.SCVI.save().")
+    unlearn.add_argument("data", help="The .h5ad the model was trained on (raw counts).")
+    unlearn.add_argument(
+        "--forget",
+        required=True,
+        help="KEY=VALUE (e.g. cell_type=Megakaryocytes), donor:ID, random:N[:seed=S], or a "
+        "file of obs names / positions; restricted to the model's training cells.",
+    )
+    unlearn.add_argument("--method", default="extragradient")
+    unlearn.add_argument("--nonmembers", help="File of same-population non-member cells.")
+    unlearn.add_argument(
+        "--param",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Method hyper-parameters, e.g. lambda_=5 n_critics=3.",
+    )
+    unlearn.add_argument("--max-epochs", type=int, default=None)
+    unlearn.add_argument("--seed", type=int, default=0)
+    unlearn.add_argument("--audit", action="store_true", help="Audit the result afterwards.")
+    unlearn.add_argument("--accelerator", default="auto")
+    unlearn.add_argument("--out", required=True, help="Directory for the new model.")
+    unlearn.add_argument("--overwrite", action="store_true")
+    unlearn.set_defaults(func=cmd_unlearn)
+
     demo = sub.add_parser("demo", help="Run the end-to-end demo on embedded synthetic data.")
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Smaller data and fewer epochs.")
@@ -172,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
         print(f"scvi-unlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
