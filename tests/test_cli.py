@@ -29,9 +29,23 @@ def saved_lab_model(tmp_path):
 def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model):
     tmp_path, adata, model = saved_lab_model
     out = tmp_path / "forgotten"
-    code = main(["unlearn", str(tmp_path / "model"), str(tmp_path / "data.h5ad"),
-                 "--forget", "cell_type=Megakaryocyte", "--method", "finetune",
-                 "--max-epochs", "2", "--accelerator", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "unlearn",
+            str(tmp_path / "model"),
+            str(tmp_path / "data.h5ad"),
+            "--forget",
+            "cell_type=Megakaryocyte",
+            "--method",
+            "finetune",
+            "--max-epochs",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     trained = np.zeros(adata.n_obs, bool)
     trained[model.train_indices] = True
@@ -46,14 +60,20 @@ def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model):
 
 def test_cli_unlearn_reports_bad_input(saved_lab_model, capsys):
     tmp_path, _, _ = saved_lab_model
-    base = ["unlearn", str(tmp_path / "model"), str(tmp_path / "data.h5ad"),
-            "--out", str(tmp_path / "x")]
+    base = [
+        "unlearn",
+        str(tmp_path / "model"),
+        str(tmp_path / "data.h5ad"),
+        "--out",
+        str(tmp_path / "x"),
+    ]
     assert main([*base, "--forget", "cell_type=NoSuchType"]) == 2
     assert "NoSuchType" in capsys.readouterr().err
     assert main([*base, "--forget", "cell_type=B", "--method", "magic"]) == 2
     assert "magic" in capsys.readouterr().err
-    assert main([*base, "--forget", "cell_type=B", "--method", "finetune",
-                 "--param", "lr=-1"]) == 2
+    assert (
+        main([*base, "--forget", "cell_type=B", "--method", "finetune", "--param", "lr=-1"]) == 2
+    )
     assert "lr" in capsys.readouterr().err
 
 

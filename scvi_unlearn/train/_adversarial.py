@@ -1,0 +1,425 @@
+"""Adversarial unlearning: the VAE against membership critics (METHODS section 6).
+
+Both plans share the game. ``K`` critics see standardised per-cell attack features
+(:func:`~scvi_unlearn.audit.feature_matrix`: losses, per-count losses, posterior statistics)
+and classify forget cells (label 1) against non-members of the same population (label 0),
+minimising the class-balanced binary cross-entropy ``BCE_phi``. The VAE minimises
+
+    L_vae(theta, phi) = mean retain negative ELBO (scVI's own loss and scale)
+                        + lambda * mean_k KL(Bernoulli(1/2) || Bernoulli(D_k(f_theta(F))))
+
+i.e. it makes every critic maximally unsure (probability 1/2) about the forget cells. This is
+the non-saturating form of the game (see :func:`~scvi_unlearn.train._critics.
+indistinguishability_loss`): its gradient does not vanish against confident critics, as the
+minimax term ``log 2 - BCE`` does, and it does not reward overshooting (forget cells fitting
+*worse* than non-members, which an attacker also detects: the "Streisand" artefact of METHODS
+section 2), as "label the forget cells non-members" does. With Bayes-optimal critics its
+zero set is exactly "forget and non-member features are identically distributed". The
+critics' ``log 2 - BCE`` (a Jensen-Shannon lower bound) is logged as ``privacy_js``.
+
+Two details keep the game honest: the VAE's privacy gradient flows through the forget cells'
+features only (non-member features are the reference, computed without gradient, so the VAE
+cannot win by memorising the non-members), and forget / non-member cells pass through the VAE
+in eval mode (batch-norm statistics are not updated from them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from scvi_unlearn.audit._features import feature_matrix, per_cell_loss_terms
+from scvi_unlearn.train._common import (
+    Tensors,
+    UnlearningTrainingPlan,
+    eval_mode,
+    iter_chunks,
+    loss_auc,
+    n_cells,
+)
+from scvi_unlearn.train._critics import (
+    CriticEnsemble,
+    balanced_accuracy,
+    critic_losses,
+    indistinguishability_loss,
+    js_divergence_estimate,
+)
+from scvi_unlearn.train._selection import BestStateSelector
+
+
+class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
+    """Critics, feature standardisation, critic pre-training and validation-based selection.
+
+    Parameters
+    ----------
+    module
+        The scVI ``VAE`` to unlearn (a copy of the trained one; updated in place).
+    forget_tensors, nonmember_tensors
+        Forget cells and same-population non-members used by the game.
+    forget_val_tensors, nonmember_val_tensors
+        Held-out forget / non-member cells for early stopping (the loss-threshold AUC).
+    lambda_
+        Weight of the privacy term (in nats per forget cell and critic).
+    n_critics, critic_hidden
+        Number of critics and their hidden width (two hidden layers).
+    critic_pretrain_steps, critic_pretrain_lr
+        Full-batch Adam steps that fit the critics on the warm-start model's features before
+        the game starts, so the first VAE gradients come from informed critics.
+    adv_batch_size
+        Forget / non-member cells per step (all of them when fewer).
+    target_auc, max_utility_loss, patience
+        Early stopping, see :class:`~scvi_unlearn.train.BestStateSelector`.
+    **kwargs
+        Passed to :class:`~scvi_unlearn.train.UnlearningTrainingPlan` (``lr``, ``kl_weight``,
+        ``seed``, scVI plan arguments).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        forget_tensors: Tensors,
+        nonmember_tensors: Tensors,
+        *,
+        forget_val_tensors: Tensors | None = None,
+        nonmember_val_tensors: Tensors | None = None,
+        lambda_: float = 10.0,
+        n_critics: int = 3,
+        critic_hidden: int = 32,
+        critic_pretrain_steps: int = 200,
+        critic_pretrain_lr: float = 1e-2,
+        adv_batch_size: int = 256,
+        target_auc: float = 0.5,
+        max_utility_loss: float = 0.05,
+        patience: int | None = None,
+        **kwargs: Any,
+    ):
+        held = {
+            "forget": forget_tensors,
+            "nonmember": nonmember_tensors,
+            "forget_val": forget_val_tensors,
+            "nonmember_val": nonmember_val_tensors,
+        }
+        super().__init__(module, held=held, **kwargs)
+        from scvi_unlearn.audit._features import SCALAR_FEATURES
+
+        n_features = len(SCALAR_FEATURES)
+        self.lambda_ = float(lambda_)
+        self.critics = CriticEnsemble(n_features, n_critics, critic_hidden, seed=self.seed)
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        self.critic_pretrain_steps = int(critic_pretrain_steps)
+        self.critic_pretrain_lr = float(critic_pretrain_lr)
+        self.adv_batch_size = int(adv_batch_size)
+        self.selector = BestStateSelector(target_auc, max_utility_loss, patience)
+        self._val_sum = 0.0
+        self._val_n = 0
+
+    # -- features and losses ---------------------------------------------------------------
+    def features(self, tensors: Tensors) -> torch.Tensor:
+        """Standardised attack features of held cells (eval mode, differentiable)."""
+        with eval_mode(self.module):
+            raw = feature_matrix(per_cell_loss_terms(self.module, tensors))
+        return (raw - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def _all_features(self, tensors: Tensors) -> torch.Tensor:
+        chunks = [self.features(c) for c in iter_chunks(tensors, self.adv_batch_size)]
+        return torch.cat(chunks)
+
+    def game_losses(self, forget: Tensors, nonmember: Tensors) -> dict[str, torch.Tensor]:
+        """The privacy term (VAE's view) and the critics' loss (critics' view) on a minibatch.
+
+        ``privacy`` has gradients for the VAE only, ``critic`` for the critics only, so one
+        backward pass of their sum gives each player its own gradient.
+        """
+        feats_f = self.features(forget)
+        with torch.no_grad():
+            feats_n = self.features(nonmember)
+        # VAE's view: the critics are fixed functions of the forget features.
+        privacy = indistinguishability_loss(self.critics(feats_f, detach_params=True))
+        # Critics' view: the features are fixed inputs.
+        logits_f = self.critics(feats_f.detach())
+        logits_n = self.critics(feats_n)
+        critic = critic_losses(logits_f, logits_n)
+        return {
+            "privacy": privacy,
+            "critic": critic.mean(),
+            "js": js_divergence_estimate(critic.detach()).mean(),
+            "critic_accuracy": balanced_accuracy(logits_f.detach(), logits_n.detach()),
+        }
+
+    # -- fit start: standardisation, critic pre-training, warm-start validation ------------
+    def on_fit_start(self) -> None:
+        """Standardise features, pre-train the critics and score the warm start."""
+        super().on_fit_start()
+        with torch.no_grad():
+            self.feature_mean.zero_()
+            self.feature_std.fill_(1.0)
+            both = torch.cat(
+                [
+                    self._all_features(self.held["forget"]),
+                    self._all_features(self.held["nonmember"]),
+                ]
+            )
+            self.feature_mean.copy_(both.mean(0))
+            std = both.std(0) if both.shape[0] > 1 else torch.ones_like(both[0])
+            self.feature_std.copy_(std.clamp_min(1e-6))
+        self._pretrain_critics()
+        self._select(epoch=-1, retain_elbo=self._warm_retain_elbo())
+
+    @torch.enable_grad()
+    def _pretrain_critics(self) -> None:
+        if self.critic_pretrain_steps <= 0:
+            return
+        feats_f = self._all_features(self.held["forget"])
+        feats_n = self._all_features(self.held["nonmember"])
+        optimizer = torch.optim.Adam(self.critics.parameters(), lr=self.critic_pretrain_lr)
+        for _ in range(self.critic_pretrain_steps):
+            optimizer.zero_grad()
+            loss = critic_losses(self.critics(feats_f), self.critics(feats_n)).sum()
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def _warm_retain_elbo(self) -> float | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = datamodule.val_dataloader() if datamodule is not None else None
+        if loader is None:
+            return None
+        total, count = 0.0, 0
+        with eval_mode(self.module):
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+                nelbo = per_cell_loss_terms(self.module, batch)["neg_elbo"]
+                total += float(nelbo.sum())
+                count += nelbo.numel()
+        return total / count if count else None
+
+    # -- validation and selection ----------------------------------------------------------
+    def validation_step(self, batch: Tensors, batch_idx: int) -> None:
+        """Accumulate the retain-validation negative ELBO (posterior mean, per cell)."""
+        nelbo = per_cell_loss_terms(self.module, batch)["neg_elbo"]
+        self._val_sum += float(nelbo.sum())
+        self._val_n += nelbo.numel()
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the retain-validation accumulators."""
+        self._val_sum, self._val_n = 0.0, 0
+
+    def _validation_auc(self) -> float:
+        forget_val, nonmember_val = self.held.get("forget_val"), self.held.get("nonmember_val")
+        if not n_cells(forget_val or {}) or not n_cells(nonmember_val or {}):
+            return math.nan
+        return loss_auc(self.module, forget_val, nonmember_val)
+
+    def _select(self, epoch: int, retain_elbo: float | None) -> None:
+        auc = self._validation_auc()
+        if math.isnan(auc):
+            return
+        if self.trainer.world_size > 1 and retain_elbo is not None:
+            retain_elbo = float(self.trainer.strategy.reduce(torch.tensor(retain_elbo)))
+        stop = self.selector.update(self.module, epoch, auc, retain_elbo)
+        if epoch >= 0:
+            self.log("unlearn_auc_validation", auc, prog_bar=True, on_epoch=True)
+            if retain_elbo is not None:
+                self.log("retain_elbo_validation", retain_elbo, on_epoch=True)
+        if stop:
+            self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        """Score the epoch on the validation cells and keep the best state."""
+        retain_elbo = self._val_sum / self._val_n if self._val_n else None
+        self._select(self.current_epoch, retain_elbo)
+        self._val_sum, self._val_n = 0.0, 0
+
+    def on_train_end(self) -> None:
+        """Restore the best validation state."""
+        self.selector.restore(self.module)
+
+    def log_game(self, losses: dict[str, torch.Tensor], retain_loss: torch.Tensor) -> None:
+        """Log the game's quantities (epoch means, privacy term in the progress bar)."""
+        n = n_cells(self.held["forget"])
+        self.log("privacy_loss", losses["privacy"].detach(), prog_bar=True, batch_size=n)
+        self.log("privacy_js", losses["js"], batch_size=n)
+        self.log("critic_loss", losses["critic"].detach(), batch_size=n)
+        self.log("critic_accuracy", losses["critic_accuracy"], batch_size=n)
+        self.log("train_loss", retain_loss.detach(), prog_bar=True)
+
+
+def _raw(optimizer):
+    """The torch optimizer behind a Lightning optimizer wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _snapshot(optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    """Copies of an optimizer's parameters and state, to undo a look-ahead step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    values = [p.detach().clone() for p in params]
+    state = {
+        p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+        for p in params
+        if p in optimizer.state
+    }
+    return list(zip(params, values)), state
+
+
+@torch.no_grad()
+def _restore(optimizer: torch.optim.Optimizer, snapshot: tuple[list, dict]) -> None:
+    """Put back parameters and state saved by :func:`_snapshot` (gradients are kept)."""
+    pairs, state = snapshot
+    for p, value in pairs:
+        p.copy_(value)
+        if p in state:
+            optimizer.state[p] = state[p]
+        else:
+            optimizer.state.pop(p, None)
+
+
+def extragradient_step(optimizers: Sequence, set_gradients: Callable[[], Any]) -> Any:
+    """One extragradient step (Korpelevich 1976) of several players, each with its optimizer.
+
+    ``set_gradients()`` must zero and then set every player's ``.grad`` at the current
+    parameters (each player's gradient of its own loss). The step:
+
+    1. gradients at ``w``; every optimizer steps to the look-ahead point ``w'``;
+    2. gradients at ``w'``;
+    3. parameters and optimizer states are restored to ``w``;
+    4. every optimizer steps from ``w`` with the gradients of step 2.
+
+    With SGD this is ``w <- w - eta * g(w - eta * g(w))``; with Adam it is Extra-Adam
+    (Gidel et al. 2019), whose moment estimates see only look-ahead gradients.
+
+    Parameters
+    ----------
+    optimizers
+        Torch optimizers or Lightning's wrappers of them.
+    set_gradients
+        Closure computing the gradients; its return value (from step 2) is returned.
+
+    Examples
+    --------
+    The bilinear game ``min_x max_y x * y``, where simultaneous gradient steps spiral out:
+
+    >>> x, y = torch.nn.Parameter(torch.tensor(1.0)), torch.nn.Parameter(torch.tensor(1.0))
+    >>> opts = [torch.optim.SGD([x], lr=0.1), torch.optim.SGD([y], lr=0.1)]
+    >>> def grads():
+    ...     x.grad, y.grad = y.detach().clone(), -x.detach().clone()
+    >>> for _ in range(100):
+    ...     extragradient_step(opts, grads)
+    >>> bool(torch.hypot(x, y) < 1.0)
+    True
+    """
+    snapshots = [_snapshot(_raw(opt)) for opt in optimizers]
+    set_gradients()
+    for opt in optimizers:  # look-ahead step of every player
+        opt.step()
+    out = set_gradients()
+    for opt, snapshot in zip(optimizers, snapshots):
+        _restore(_raw(opt), snapshot)
+    for opt in optimizers:  # the real step, with the look-ahead gradients
+        opt.step()
+    return out
+
+
+class ExtraGradientUnlearningPlan(_AdversarialUnlearningPlan):
+    """Extragradient co-training of the VAE against forget-vs-non-member critics.
+
+    Each training step on a retain minibatch ``x_r`` (with forget / non-member minibatches
+    ``F``, ``N``) is one extragradient step (Korpelevich 1976; Chavdarova et al. 2019) on the
+    game ``min_theta L_vae(theta, phi)``, ``min_phi BCE(theta, phi)`` (module docstring):
+
+    1. gradients at the current point ``(theta, phi)``;
+    2. look-ahead: one optimizer step of both players from there, to ``(theta', phi')``;
+    3. gradients ``g_theta', g_phi'`` at the look-ahead point;
+    4. parameters *and optimizer states* restored to ``(theta, phi)``;
+    5. the real optimizer step of both players, with the look-ahead gradients.
+
+    Both players use Adam (the VAE with scVI's settings), so steps 2 and 5 are Adam steps:
+    the Extra-Adam form of extragradient (Gidel et al. 2019). The two time scales are ``lr``
+    for the VAE and ``critic_lr`` for the critics, by default ``10 * lr``: the critics must
+    keep up with the VAE (as in Heusel et al.'s two time-scale rule, where the discriminator
+    is the faster player). With the original study's slower critics (``lr / 10``) the VAE
+    outruns them and learns to fool them without removing the membership signal, just as
+    against frozen critics (measured on the test data: loss-attack AUC 0.90 -> 0.80 with
+    ``lr / 10``, 0.90 -> 0.50 with ``10 * lr``).
+
+    Each epoch the loss-threshold AUC on validation forget / non-member cells and the
+    retain-validation ELBO are measured; the state closest to ``target_auc`` within the
+    utility budget is restored at the end.
+
+    Parameters
+    ----------
+    critic_lr
+        Learning rate of the critics' Adam optimizer (default ``10 * lr``).
+    **kwargs
+        See :class:`_AdversarialUnlearningPlan` and
+        :class:`~scvi_unlearn.train.UnlearningTrainingPlan`.
+
+    Notes
+    -----
+    Batch-norm running statistics are updated by both retain forward passes of a step and
+    are not rolled back: they only ever see retain cells.
+    """
+
+    def __init__(self, *args: Any, critic_lr: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.critic_lr = float(critic_lr) if critic_lr is not None else 10.0 * self.lr
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        """Adam for the VAE (scVI's settings) and Adam for the critics at ``critic_lr``."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        vae_opt = self.get_optimizer_creator()(params)
+        critic_opt = torch.optim.Adam(self.critics.parameters(), lr=self.critic_lr)
+        return [vae_opt, critic_opt]
+
+    def _game_backward(self, batch: Tensors, forget: Tensors, nonmember: Tensors):
+        """Set both players' gradients at the current parameters; return the losses."""
+        for opt in self.optimizers():
+            opt.zero_grad()
+        _, _, retain = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        losses = self.game_losses(forget, nonmember)
+        self.manual_backward(retain.loss + self.lambda_ * losses["privacy"] + losses["critic"])
+        return retain, losses
+
+    def training_step(self, batch: Tensors, batch_idx: int) -> torch.Tensor:
+        """One extragradient step of both players."""
+        forget = self.sample_held("forget", self.adv_batch_size)
+        nonmember = self.sample_held("nonmember", self.adv_batch_size)
+        retain, losses = extragradient_step(
+            self.optimizers(), lambda: self._game_backward(batch, forget, nonmember)
+        )
+        self.compute_and_log_metrics(retain, self.train_metrics, "train")
+        self.log_game(losses, retain.loss)
+        return retain.loss.detach()
+
+
+class FrozenCriticPlan(_AdversarialUnlearningPlan):
+    """The original study's failing baseline: critics trained once, then frozen.
+
+    The critics are fitted on the warm-start model's features (``critic_pretrain_steps``
+    full-batch steps) and never updated again; the VAE then minimises the retain ELBO plus
+    ``lambda_`` times the privacy term against those fixed critics, by plain gradient
+    descent. The VAE soon finds the critics' blind spots, so they stop measuring membership:
+    the baseline the extragradient game is meant to fix.
+    """
+
+    def __init__(self, *args: Any, critic_pretrain_steps: int = 300, **kwargs: Any):
+        super().__init__(*args, critic_pretrain_steps=critic_pretrain_steps, **kwargs)
+
+    def on_fit_start(self) -> None:
+        """Pre-train the critics, then freeze them."""
+        super().on_fit_start()
+        self.critics.requires_grad_(False)
+
+    def training_step(self, batch: Tensors, batch_idx: int) -> torch.Tensor:
+        """Retain ELBO plus ``lambda_`` times the frozen critics' privacy term."""
+        retain = self.retain_loss(batch)
+        forget = self.sample_held("forget", self.adv_batch_size)
+        nonmember = self.sample_held("nonmember", self.adv_batch_size)
+        losses = self.game_losses(forget, nonmember)
+        self.log_game(losses, retain.loss)
+        return retain.loss + self.lambda_ * losses["privacy"]

@@ -1,0 +1,409 @@
+"""The unlearning methods: their hyper-parameters and how each one runs.
+
+Every method receives an :class:`UnlearningRun` (the model copy to modify, the cells, the
+validated hyper-parameters) and returns a JSON-able summary of what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scvi import REGISTRY_KEYS
+
+from scvi_unlearn.train._adversarial import ExtraGradientUnlearningPlan, FrozenCriticPlan
+from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
+from scvi_unlearn.train._common import (
+    gather_tensors,
+    logged_history,
+    make_data_splitter,
+    run_plan,
+)
+from scvi_unlearn.train._fisher import FisherScrubbingPlan
+from scvi_unlearn.train._params import Param
+
+
+@dataclass
+class UnlearningRun:
+    """Everything a method needs to run.
+
+    Attributes
+    ----------
+    model
+        The model to modify (a copy of the user's unless ``inplace=True``).
+    forget, retain, nonmembers
+        Cell positions in ``model.adata``; ``retain`` = training cells minus ``forget``;
+        ``nonmembers`` is ``None`` for methods that do not use them.
+    validation
+        The original model's validation cells (never trained on).
+    hyperparameters
+        Validated hyper-parameters, defaults filled in.
+    seed, max_epochs, accelerator, devices, enable_progress_bar
+        Run settings (``max_epochs`` already resolved to the method's default if not given).
+    kl_weight
+        KL weight to continue training at (that of the end of the original training).
+    """
+
+    model: Any
+    forget: np.ndarray
+    retain: np.ndarray
+    nonmembers: np.ndarray | None
+    validation: np.ndarray
+    hyperparameters: dict[str, Any]
+    seed: int
+    max_epochs: int
+    accelerator: str = "auto"
+    devices: int | list[int] | str = "auto"
+    enable_progress_bar: bool = True
+    kl_weight: float = 1.0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """A numpy generator seeded by the run's seed (fresh on every access)."""
+        return np.random.default_rng(self.seed)
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Arguments shared by every plan."""
+        hp = self.hyperparameters
+        kl = hp.get("kl_weight")
+        return {
+            "lr": hp["lr"],
+            "seed": self.seed,
+            "kl_weight": self.kl_weight if kl is None else kl,
+        }
+
+    def fit(
+        self,
+        plan,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray | None = None,
+        max_epochs: int | None = None,
+    ):
+        """Run ``plan`` under scvi-tools' TrainRunner on the model's retained cells."""
+        splitter = make_data_splitter(
+            self.model, train_idx, val_idx, batch_size=self.hyperparameters["batch_size"]
+        )
+        return run_plan(
+            self.model,
+            plan,
+            splitter,
+            self.max_epochs if max_epochs is None else max_epochs,
+            accelerator=self.accelerator,
+            devices=self.devices,
+            enable_progress_bar=self.enable_progress_bar,
+        )
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """An unlearning method: its hyper-parameters, needs and runner."""
+
+    name: str
+    params: dict[str, Param]
+    needs_nonmembers: bool
+    default_max_epochs: int
+    run: Callable[[UnlearningRun], dict[str, Any]]
+    description: str
+
+
+# -- hyper-parameter declarations ------------------------------------------------------------
+_TRAINING = {
+    "lr": Param(1e-3, "float", low=0, low_open=True, doc="learning rate of the VAE"),
+    "batch_size": Param(128, "int", low=1, doc="retain minibatch size"),
+    "kl_weight": Param(
+        None, "float", low=0, allow_none=True, doc="KL weight (default: the original's final)"
+    ),
+}
+_SELECTION = {
+    "val_fraction": Param(0.3, "float", low=0, high=1, low_open=True, high_open=True),
+    "retain_val_fraction": Param(0.1, "float", low=0, high=1, high_open=True),
+    "target_auc": Param(0.5, "float", low=0, high=1),
+    "max_utility_loss": Param(0.05, "float", low=0),
+    "patience": Param(None, "int", low=1, allow_none=True),
+}
+_GAME = {
+    "lambda_": Param(10.0, "float", low=0, doc="weight of the privacy term"),
+    "n_critics": Param(3, "int", low=1),
+    "critic_hidden": Param(32, "int", low=1),
+    "critic_pretrain_steps": Param(200, "int", low=0),
+    "critic_pretrain_lr": Param(1e-2, "float", low=0, low_open=True),
+    "adv_batch_size": Param(256, "int", low=1),
+}
+_FISHER = {
+    "alpha": Param(1e-3, "float", low=0, doc="scale of the Golatkar noise"),
+    "eps": Param(1e-8, "float", low=0, low_open=True),
+    "max_std": Param(1e3, "float", low=0, low_open=True),
+    "n_fisher_cells": Param(1024, "int", low=1),
+    "fisher_batch_size": Param(16, "int", low=1),
+    "finetune_epochs": Param(0, "int", low=0),
+    "ssd": Param(False, "bool"),
+    "selection_weight": Param(10.0, "float", low=0, low_open=True),
+    "dampening": Param(1.0, "float", low=0, low_open=True),
+}
+
+
+# -- runners ----------------------------------------------------------------------------------
+def _split_validation(idx: np.ndarray, fraction: float, seed: int, what: str):
+    from scvi_unlearn.data import validation_split
+
+    if idx.size < 2:
+        raise ValueError(
+            f"Early stopping needs at least 2 {what} (one to unlearn with, one to validate on); "
+            f"got {idx.size}."
+        )
+    return validation_split(idx, fraction=fraction, seed=seed)
+
+
+def _retain_validation(run: UnlearningRun, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    n_val = round(fraction * run.retain.size)
+    n_val = min(n_val, run.retain.size - 1)
+    if n_val <= 0:
+        return run.retain, np.zeros(0, np.int64)
+    val = np.sort(run.rng.permutation(run.retain)[:n_val])
+    return np.setdiff1d(run.retain, val), val
+
+
+def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
+    hp = run.hyperparameters
+    f_fit, f_val = _split_validation(run.forget, hp["val_fraction"], run.seed, "forget cells")
+    n_fit, n_val = _split_validation(run.nonmembers, hp["val_fraction"], run.seed, "non-members")
+    r_train, r_val = _retain_validation(run, hp["retain_val_fraction"])
+    game = {k: hp[k] for k in _GAME}
+    extra = {"critic_lr": hp["critic_lr"]} if "critic_lr" in hp else {}
+    # Every forget cell takes part in the game (all must be forgotten); the held-out
+    # non-members are never shown to the critics. Selection uses (f_val, n_val), so the
+    # cells to report on, (f_fit, n_fit), play no part in choosing the epoch.
+    plan = plan_cls(
+        run.model.module,
+        gather_tensors(run.model, run.forget),
+        gather_tensors(run.model, n_fit),
+        forget_val_tensors=gather_tensors(run.model, f_val),
+        nonmember_val_tensors=gather_tensors(run.model, n_val),
+        target_auc=hp["target_auc"],
+        max_utility_loss=hp["max_utility_loss"],
+        patience=hp["patience"],
+        **game,
+        **extra,
+        **run.plan_kwargs(),
+    )
+    runner = run.fit(plan, r_train, r_val)
+    summary = plan.selector.summary()
+    summary.update(
+        n_forget_fit=int(f_fit.size),
+        n_forget_val=int(f_val.size),
+        n_nonmember_fit=int(n_fit.size),
+        n_nonmember_val=int(n_val.size),
+        n_retain_val=int(r_val.size),
+        forget_val_names=run.model.adata.obs_names[f_val].tolist(),
+        nonmember_val_names=run.model.adata.obs_names[n_val].tolist(),
+    )
+    return _with_history(summary, runner)
+
+
+def _with_history(summary: dict[str, Any], runner) -> dict[str, Any]:
+    history = logged_history(runner)
+    keep = (
+        "privacy_loss",
+        "privacy_js",
+        "critic_accuracy",
+        "unlearn_auc_validation",
+        "retain_elbo_validation",
+        "forget_neg_elbo",
+        "forget_divergence",
+        "elbo_train",
+    )
+    summary["epochs_run"] = int(runner.trainer.current_epoch)
+    summary["history"] = {k: v for k, v in history.items() if k in keep}
+    return summary
+
+
+def _run_extragradient(run: UnlearningRun) -> dict[str, Any]:
+    return _run_adversarial(run, ExtraGradientUnlearningPlan)
+
+
+def _run_frozen(run: UnlearningRun) -> dict[str, Any]:
+    return _run_adversarial(run, FrozenCriticPlan)
+
+
+def _run_fisher(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    n_fisher = min(hp["n_fisher_cells"], run.retain.size)
+    fisher_cells = np.sort(run.rng.permutation(run.retain)[:n_fisher])
+    plan = FisherScrubbingPlan(
+        run.model.module,
+        gather_tensors(run.model, fisher_cells),
+        gather_tensors(run.model, run.forget) if hp["ssd"] else None,
+        alpha=hp["alpha"],
+        eps=hp["eps"],
+        max_std=hp["max_std"],
+        ssd=hp["ssd"],
+        selection_weight=hp["selection_weight"],
+        dampening=hp["dampening"],
+        fisher_batch_size=hp["fisher_batch_size"],
+        **run.plan_kwargs(),
+    )
+    runner = run.fit(plan, run.retain, max_epochs=run.max_epochs)
+    return _with_history(dict(plan.scrub_summary_ or {}), runner)
+
+
+def _run_finetune(run: UnlearningRun) -> dict[str, Any]:
+    plan = RetainFinetunePlan(run.model.module, **run.plan_kwargs())
+    return _with_history({}, run.fit(plan, run.retain))
+
+
+def _run_gradient_ascent(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    plan = GradientAscentPlan(
+        run.model.module,
+        gather_tensors(run.model, run.forget),
+        ascent_steps=hp["ascent_steps"],
+        ascent_batch_size=hp["ascent_batch_size"],
+        **run.plan_kwargs(),
+    )
+    return _with_history({}, run.fit(plan, run.retain))
+
+
+def _run_scrub(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    plan = SCRUBPlan(
+        run.model.module,
+        gather_tensors(run.model, run.forget),
+        n_max_epochs=hp["n_max_epochs"],
+        alpha=hp["alpha"],
+        gamma=hp["gamma"],
+        forget_batch_size=hp["forget_batch_size"],
+        **run.plan_kwargs(),
+    )
+    return _with_history({}, run.fit(plan, run.retain))
+
+
+def _keep_categories(data, model) -> None:
+    """Give ``data``'s registered categorical columns the model's full category lists.
+
+    A subset may lack a batch or label (e.g. a forgotten donor); with the original categories
+    the retrained module keeps the original's shape and codes.
+    """
+    manager = model.adata_manager
+    for key in (REGISTRY_KEYS.BATCH_KEY, REGISTRY_KEYS.LABELS_KEY):
+        if key not in manager.data_registry:
+            continue
+        state = manager.get_state_registry(key)
+        column = state.get("original_key")
+        if column in data.obs and "categorical_mapping" in state:
+            categories = pd.Index(state.categorical_mapping)
+            data.obs[column] = pd.Categorical(data.obs[column], categories=categories)
+
+
+def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
+    """Exact unlearning: the original recipe on the retained cells, loaded into the copy."""
+    from scvi_unlearn._recipe import Recipe
+
+    model = run.model
+    pool = np.union1d(run.retain, run.validation).astype(np.int64)
+    train_pos = np.searchsorted(pool, run.retain)
+    val_pos = np.searchsorted(pool, run.validation)
+    data = model.adata[pool].copy()  # scvi-tools registers into it: never the user's object
+    _keep_categories(data, model)
+    recipe = Recipe.from_model(model)
+    split_kwargs = dict(recipe.train_kwargs.get("datasplitter_kwargs") or {})
+    # Same cells as the original's training and validation sets, minus the forget cells.
+    split_kwargs["external_indexing"] = [train_pos, val_pos, np.zeros(0, np.int64)]
+    recipe.train_kwargs["datasplitter_kwargs"] = split_kwargs
+    recipe.train_kwargs["max_epochs"] = run.max_epochs
+    fitted = recipe.fit(
+        data,
+        seed=run.seed,
+        accelerator=run.accelerator,
+        devices=run.devices,
+        enable_progress_bar=run.enable_progress_bar,
+    )
+    model.module.load_state_dict(fitted.module.state_dict())
+    model.module.eval()
+    model.history_ = fitted.history_
+    model.trainer = getattr(fitted, "trainer", None)
+    return {"epochs_run": int(run.max_epochs), "n_train": int(run.retain.size)}
+
+
+METHODS: dict[str, MethodSpec] = {
+    "extragradient": MethodSpec(
+        "extragradient",
+        {
+            **_TRAINING,
+            **_SELECTION,
+            **_GAME,
+            "critic_lr": Param(None, "float", low=0, low_open=True, allow_none=True),
+        },
+        needs_nonmembers=True,
+        default_max_epochs=50,
+        run=_run_extragradient,
+        description="extragradient co-training against forget-vs-non-member critics",
+    ),
+    "frozen_critic": MethodSpec(
+        "frozen_critic",
+        {**_TRAINING, **_SELECTION, **_GAME, "critic_pretrain_steps": Param(300, "int", low=0)},
+        needs_nonmembers=True,
+        default_max_epochs=50,
+        run=_run_frozen,
+        description="VAE trained to fool pre-trained, frozen critics (failing baseline)",
+    ),
+    "fisher": MethodSpec(
+        "fisher",
+        {**_TRAINING, **_FISHER},
+        needs_nonmembers=False,
+        default_max_epochs=0,
+        run=_run_fisher,
+        description="Golatkar Fisher scrubbing (+ optional SSD and retain fine-tune)",
+    ),
+    "ssd": MethodSpec(
+        "ssd",
+        {
+            **_TRAINING,
+            **{k: v for k, v in _FISHER.items() if k != "ssd"},
+            "alpha": Param(0.0, "float", low=0),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=0,
+        run=lambda run: _run_fisher(_with(run, ssd=True)),
+        description="Selective Synaptic Dampening (Foster et al. 2024)",
+    ),
+    "finetune": MethodSpec(
+        "finetune", dict(_TRAINING), False, 20, _run_finetune, "retain-only fine-tune"
+    ),
+    "gradient_ascent": MethodSpec(
+        "gradient_ascent",
+        {
+            **_TRAINING,
+            "ascent_steps": Param(3, "int", low=0),
+            "ascent_batch_size": Param(256, "int", low=1),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=20,
+        run=_run_gradient_ascent,
+        description="gradient ascent on the forget cells, then retain fine-tune",
+    ),
+    "scrub": MethodSpec(
+        "scrub",
+        {
+            **_TRAINING,
+            "n_max_epochs": Param(5, "int", low=0),
+            "alpha": Param(1.0, "float", low=0),
+            "gamma": Param(1.0, "float", low=0),
+            "forget_batch_size": Param(256, "int", low=1),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=20,
+        run=_run_scrub,
+        description="SCRUB teacher-student (Kurmanji et al. 2023)",
+    ),
+    "retrain": MethodSpec(
+        "retrain", {}, False, 0, _run_retrain, "exact: the original recipe on retained cells"
+    ),
+}
+
+
+def _with(run: UnlearningRun, **hyperparameters: Any) -> UnlearningRun:
+    run.hyperparameters = {**run.hyperparameters, **hyperparameters}
+    return run

@@ -1,0 +1,407 @@
+"""End-to-end tests of ``model.unlearn`` on an over-fitted scVI model (synthetic PBMC data).
+
+The model memorises its training cells (loss-attack AUC ~0.9 on same-population cells), so
+forgetting is measurable: exact retraining must land in the null band and extragradient must
+lower the out-of-sample attack AUC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+from scipy import sparse
+
+import scvi_unlearn as su
+from scvi_unlearn.audit import MembershipInference, attack_features
+from scvi_unlearn.train import (
+    METHODS,
+    ExtraGradientUnlearningPlan,
+    FisherScrubbingPlan,
+    FrozenCriticPlan,
+    GradientAscentPlan,
+    RetainFinetunePlan,
+    SCRUBPlan,
+)
+
+POPULATION = ("cell_type", "CD14 Mono")
+
+
+def _loss_auc(model, members, nonmembers) -> float:
+    """Loss-threshold attack AUC (members should score higher = lower loss per count)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = -attack_features(model)["neg_elbo_per_count"].to_numpy()
+    labels = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    return float(roc_auc_score(labels, np.r_[scores[members], scores[nonmembers]]))
+
+
+def _null_halfwidth(n_members: int, n_nonmembers: int, z: float = 2.58) -> float:
+    """99% half-width of the AUC when membership is irrelevant (Mann-Whitney null)."""
+    return z * math.sqrt((n_members + n_nonmembers + 1) / (12 * n_members * n_nonmembers))
+
+
+def _adata_state(adata) -> dict:
+    x = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
+    return {
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "uns": sorted(adata.uns.keys()),
+        "layers": sorted(adata.layers.keys()),
+        "obsm": sorted(adata.obsm.keys()),
+        "X": x.copy(),
+    }
+
+
+def _assert_adata_unchanged(adata, state) -> None:
+    pd.testing.assert_frame_equal(adata.obs, state["obs"])
+    pd.testing.assert_frame_equal(adata.var, state["var"])
+    assert sorted(adata.uns.keys()) == state["uns"]
+    assert sorted(adata.layers.keys()) == state["layers"]
+    assert sorted(adata.obsm.keys()) == state["obsm"]
+    x = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(x, state["X"])
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """An over-fitted scVI model trained on a membership split of synthetic PBMCs."""
+    adata = su.data.synthetic_pbmc(n_cells=300, n_genes=100, seed=0)
+    split = su.data.membership_split(adata, POPULATION, seed=0)
+    su.model.SCVI.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = su.model.SCVI(adata, n_hidden=256, n_latent=10)
+    model.train(
+        max_epochs=400,
+        accelerator="cpu",
+        batch_size=128,
+        enable_progress_bar=False,
+        plan_kwargs={"lr": 1e-2},
+        datasplitter_kwargs={"external_indexing": [split.train, np.zeros(0, int), split.heldout]},
+    )
+    return {
+        "adata": adata,
+        "split": split,
+        "model": model,
+        "weights": _state(model),
+        "adata_state": _adata_state(adata),
+    }
+
+
+@pytest.fixture(scope="module")
+def retrains(setting):
+    """Three exact-unlearning (retrain) models with different seeds."""
+    model, split = setting["model"], setting["split"]
+    return [
+        model.unlearn(split.forget, method="retrain", seed=s, accelerator="cpu") for s in range(3)
+    ]
+
+
+@pytest.fixture(scope="module")
+def extragradient(setting):
+    model, split = setting["model"], setting["split"]
+    return model.unlearn(split.forget, method="extragradient", seed=0, accelerator="cpu")
+
+
+# -- the leak, exact unlearning, and extragradient -----------------------------------------------
+def test_retrain_is_inside_the_null_band(setting, retrains):
+    split, model = setting["split"], setting["model"]
+    half = _null_halfwidth(split.forget.size, split.nonmember.size)
+    base_auc = _loss_auc(model, split.forget, split.nonmember)
+    assert base_auc > 0.5 + half, "the test model must leak membership for the test to bite"
+    aucs = [_loss_auc(m, split.forget, split.nonmember) for m in retrains]
+    assert all(abs(a - 0.5) < half for a in aucs), aucs
+    # the project's audit agrees: retrain seed 0 against the band of seeds 1 and 2
+    mi = MembershipInference(setting["adata"], recipe=model, n_shadows=2, cache_dir=False)
+    report = mi.audit(
+        retrains[0],
+        split.forget,
+        split.nonmember,
+        reference_models=retrains[1:],
+        attacks=("loss",),
+    )
+    assert report.results["loss"].verdict != "leak"
+    leak = mi.audit(
+        model, split.forget, split.nonmember, reference_models=retrains[1:], attacks=("loss",)
+    )
+    assert leak.results["loss"].verdict == "leak"
+
+
+def test_retrain_trains_on_the_retained_cells_only(setting, retrains):
+    split = setting["split"]
+    for m in retrains:
+        np.testing.assert_array_equal(np.sort(m.train_indices), split.retain)
+        assert m.adata is setting["adata"]  # a model over the original genes and cells
+    assert not _states_equal(_state(retrains[0]), _state(retrains[1]))  # seeds differ
+
+
+def test_extragradient_lowers_out_of_sample_auc(setting, extragradient):
+    split, model, adata = setting["split"], setting["model"], setting["adata"]
+    metrics = extragradient.provenance["events"][-1]["metrics"]
+    # report on the cells that played no part in early stopping
+    forget_val = adata.obs_names.get_indexer(metrics["forget_val_names"])
+    nonmember_val = adata.obs_names.get_indexer(metrics["nonmember_val_names"])
+    forget_test = np.setdiff1d(split.forget, forget_val)
+    nonmember_test = np.setdiff1d(split.nonmember, nonmember_val)
+    before = _loss_auc(model, forget_test, nonmember_test)
+    after = _loss_auc(extragradient, forget_test, nonmember_test)
+    assert before > 0.8
+    assert after < before - 0.2, (before, after)
+    assert abs(after - 0.5) < abs(before - 0.5)
+    # early stopping chose a state closer to the target than the warm start, within budget
+    assert metrics["selected_epoch"] >= 0
+    assert abs(metrics["val_auc_selected"] - 0.5) < abs(metrics["val_auc_warm_start"] - 0.5)
+    assert metrics["retain_val_elbo_selected"] <= 1.05 * metrics["retain_val_elbo_warm_start"]
+    # utility on the retained cells stays close to the original's
+    retain_before = attack_features(model, indices=split.retain)["neg_elbo"].mean()
+    retain_after = attack_features(extragradient, indices=split.retain)["neg_elbo"].mean()
+    assert retain_after < 1.1 * retain_before
+
+
+def test_original_weights_are_bit_identical(setting, retrains, extragradient):
+    assert _states_equal(_state(setting["model"]), setting["weights"])
+    assert not _states_equal(_state(extragradient), setting["weights"])
+    np.testing.assert_array_equal(np.sort(setting["model"].train_indices), setting["split"].train)
+    assert getattr(setting["model"], "unlearning_provenance_", None) is None
+
+
+def test_provenance_and_train_indices(setting, extragradient):
+    split, adata = setting["split"], setting["adata"]
+    prov = extragradient.provenance
+    event = prov["events"][-1]
+    assert event["method"] == "extragradient"
+    assert event["forgotten_obs_names"] == adata.obs_names[split.forget].tolist()
+    assert event["forgotten_positions"] == split.forget.tolist()
+    assert event["n_forgotten"] == split.forget.size
+    assert event["n_train_before"] == split.train.size
+    assert event["hyperparameters"]["lambda_"] == 10.0
+    assert event["hyperparameters"]["n_critics"] == 3
+    assert event["seed"] == 0 and event["wall_time_s"] > 0
+    assert event["nonmembers"]["source"] == "auto"
+    assert event["nonmembers"]["population"] == "CD14 Mono"
+    assert event["nonmembers"]["n"] == split.nonmember.size  # auto = held-out CD14 Mono
+    assert {"started_at", "scvi_unlearn_version"} <= set(event)
+    assert prov["original_n_train"] == split.train.size
+    np.testing.assert_array_equal(np.sort(extragradient.train_indices), split.retain)
+    assert sorted(extragradient.train_obs_names_) == sorted(adata.obs_names[split.retain])
+    assert len(setting["model"].train_obs_names_) == split.train.size  # original unchanged
+
+
+def test_save_load_roundtrip(setting, extragradient, tmp_path):
+    extragradient.save(tmp_path / "m", overwrite=True)
+    loaded = su.model.SCVI.load(str(tmp_path / "m"), setting["adata"])
+    assert _states_equal(_state(loaded), _state(extragradient))
+    assert loaded.provenance == extragradient.provenance
+    np.testing.assert_array_equal(loaded.train_indices, extragradient.train_indices)
+
+
+def test_save_load_rejects_mismatched_genes(setting, extragradient, tmp_path):
+    extragradient.save(tmp_path / "m", overwrite=True)
+    other = su.data.synthetic_pbmc(n_cells=50, n_genes=80, seed=1)
+    with pytest.raises(ValueError):
+        su.model.SCVI.load(str(tmp_path / "m"), other)
+
+
+def test_same_seed_same_weights(setting):
+    model, forget = setting["model"], setting["split"].forget
+    kwargs = {"accelerator": "cpu", "max_epochs": 3, "critic_pretrain_steps": 10}
+    a = model.unlearn(forget, method="extragradient", seed=5, **kwargs)
+    b = model.unlearn(forget, method="extragradient", seed=5, **kwargs)
+    c = model.unlearn(forget, method="extragradient", seed=6, **kwargs)
+    assert _states_equal(_state(a), _state(b))
+    assert not _states_equal(_state(a), _state(c))
+    f1 = model.unlearn(forget, method="fisher", seed=1, accelerator="cpu")
+    f2 = model.unlearn(forget, method="fisher", seed=1, accelerator="cpu")
+    assert _states_equal(_state(f1), _state(f2))
+
+
+_PLANS = {
+    "extragradient": ExtraGradientUnlearningPlan,
+    "frozen_critic": FrozenCriticPlan,
+    "fisher": FisherScrubbingPlan,
+    "ssd": FisherScrubbingPlan,
+    "finetune": RetainFinetunePlan,
+    "gradient_ascent": GradientAscentPlan,
+    "scrub": SCRUBPlan,
+    "retrain": scvi.train.TrainingPlan,
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_under_lightning_without_touching_adata(setting, method):
+    adata, split = setting["adata"], setting["split"]
+    layers_before = dict(adata.layers)
+    new = setting["model"].unlearn(
+        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", max_epochs=2
+    )
+    trainer = new.trainer
+    assert isinstance(trainer, scvi.train.Trainer)
+    assert trainer.progress_bar_callback is not None
+    assert isinstance(trainer.lightning_module, _PLANS[method])
+    assert trainer.lightning_module.module is not setting["model"].module
+    _assert_adata_unchanged(adata, setting["adata_state"])
+    assert dict(adata.layers).keys() == layers_before.keys()
+    assert isinstance(new, su.model.SCVI) and new.is_trained
+    assert new.provenance["events"][-1]["method"] == method
+    assert np.isfinite(attack_features(new, indices=split.retain[:20]).to_numpy()).all()
+
+
+def test_forget_idx_forms_agree_and_chaining_appends(setting):
+    model, split, adata = setting["model"], setting["split"], setting["adata"]
+    first, second = split.forget[:10], split.forget[10:20]
+    mask = np.zeros(adata.n_obs, bool)
+    mask[first] = True
+    by_mask = model.unlearn(mask, method="fisher", accelerator="cpu")
+    by_names = model.unlearn(list(adata.obs_names[first]), method="fisher", accelerator="cpu")
+    assert _states_equal(_state(by_mask), _state(by_names))
+    assert by_mask.provenance["events"][0]["forgotten_positions"] == first.tolist()
+    chained = by_mask.unlearn(second, method="finetune", max_epochs=1, accelerator="cpu")
+    events = chained.provenance["events"]
+    assert [e["method"] for e in events] == ["fisher", "finetune"]
+    assert chained.provenance["n_forgotten"] == 20
+    assert np.intersect1d(chained.train_indices, split.forget[:20]).size == 0
+    assert len(chained.train_indices) == split.train.size - 20
+    assert len(by_mask.provenance["events"]) == 1  # the parent's record is unchanged
+
+
+def test_inplace_modifies_the_model(setting):
+    copy = su.train.clone_model(setting["model"])
+    before = _state(copy)
+    out = copy.unlearn(
+        setting["split"].forget, method="finetune", inplace=True, max_epochs=1, accelerator="cpu"
+    )
+    assert out is copy
+    assert not _states_equal(_state(copy), before)
+    assert len(copy.train_indices) == setting["split"].retain.size
+    assert _states_equal(_state(setting["model"]), setting["weights"])
+
+
+def test_function_form_wraps_a_plain_scvi_model():
+    adata = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=2)
+    scvi.model.SCVI.setup_anndata(adata)
+    plain = scvi.model.SCVI(adata, n_latent=4)
+    plain.train(max_epochs=2, train_size=0.9, accelerator="cpu", enable_progress_bar=False)
+    weights = _state(plain)
+    train = np.sort(plain.train_indices)
+    out = su.train.unlearn(plain, train[:5], method="finetune", max_epochs=1, accelerator="cpu")
+    assert type(out) is su.model.SCVI
+    assert _states_equal(_state(plain), weights)
+    assert not _states_equal(_state(out), weights)
+    np.testing.assert_array_equal(np.sort(out.train_indices), train[5:])
+    np.testing.assert_array_equal(np.sort(plain.train_indices), train)
+    # a validation cell was never trained on: it cannot be forgotten
+    with pytest.raises(ValueError, match="validation cells"):
+        su.train.unlearn(plain, np.sort(plain.validation_indices)[:1], method="finetune")
+
+
+def test_audit_summary_is_recorded(setting, tmp_path):
+    split = setting["split"]
+    out = setting["model"].unlearn(
+        split.forget,
+        method="fisher",
+        accelerator="cpu",
+        audit=True,
+        audit_kwargs={"n_shadows": 2, "max_epochs": 5, "n_bootstrap": 50},
+    )
+    audit = out.provenance["events"][-1]["audit"]
+    assert audit["n_members"] == split.forget.size
+    assert audit["n_nonmembers"] == split.nonmember.size
+    assert "loss" in audit["attacks"] and audit["verdict"]
+    out.save(tmp_path / "a")
+    assert su.model.SCVI.load(str(tmp_path / "a"), setting["adata"]).provenance == out.provenance
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("forget", "error", "match"),
+    [
+        ("heldout", ValueError, "not in the model's training set"),
+        ("train", ValueError, "all .* training cells"),
+        ("empty", ValueError, "empty"),
+        ("duplicate", ValueError, "duplicated"),
+        ("out_of_range", IndexError, "out of range"),
+        ("unknown_name", KeyError, "not in the AnnData"),
+    ],
+)
+def test_bad_forget_cells(setting, forget, error, match):
+    split, adata = setting["split"], setting["adata"]
+    cells = {
+        "heldout": split.heldout[:3],
+        "train": split.train,
+        "empty": np.zeros(0, int),
+        "duplicate": np.r_[split.forget[:3], split.forget[:1]],
+        "out_of_range": np.array([adata.n_obs + 5]),
+        "unknown_name": ["no_such_cell"],
+    }[forget]
+    with pytest.raises(error, match=match):
+        setting["model"].unlearn(cells, method="finetune")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "forget_everything"}, ValueError, "choose one of 'extragradient'"),
+        ({"lambda_": "10"}, TypeError, "lambda_"),
+        ({"lambda_": -1.0}, ValueError, "lambda_"),
+        ({"n_critics": 2.5}, TypeError, "n_critics"),
+        ({"n_critics": True}, TypeError, "n_critics"),
+        ({"n_critics": 0}, ValueError, "n_critics"),
+        ({"critic_lrr": 1e-3}, TypeError, "Valid ones: .*critic_lr"),
+        ({"method": "fisher", "lambda_": 1.0}, TypeError, "Unknown hyper-parameter"),
+        ({"method": "fisher", "alpha": None}, TypeError, "alpha"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"max_epochs": -1}, ValueError, "max_epochs"),
+    ],
+)
+def test_bad_method_or_hyperparameters(setting, kwargs, error, match):
+    kwargs = {"method": "extragradient", **kwargs}
+    with pytest.raises(error, match=match):
+        setting["model"].unlearn(setting["split"].forget, **kwargs)
+
+
+def test_bad_nonmembers(setting):
+    model, split = setting["model"], setting["split"]
+    with pytest.raises(ValueError, match="training cells of the model"):
+        model.unlearn(split.forget, nonmembers=split.retain[:5])
+    with pytest.raises(KeyError, match="population_key"):
+        model.unlearn(split.forget, population_key="no_such_column")
+
+
+def test_untrained_model_and_missing_nonmembers():
+    adata = su.data.synthetic_pbmc(n_cells=100, n_genes=40, seed=4)
+    su.model.SCVI.setup_anndata(adata)
+    model = su.model.SCVI(adata, n_latent=4)
+    with pytest.raises(RuntimeError, match="not trained"):
+        model.unlearn([0, 1])
+    model.train(max_epochs=1, train_size=1.0, accelerator="cpu", enable_progress_bar=False)
+    mono = np.flatnonzero(adata.obs["cell_type"] == "CD14 Mono")
+    # every CD14 Mono was trained on: there are no same-population non-members
+    with pytest.raises(ValueError, match="No non-members found"):
+        model.unlearn(mono[:5], method="extragradient")
+    with pytest.raises(ValueError, match="No non-members found"):
+        model.unlearn(mono[:5], method="fisher", audit=True)
+
+
+def test_retrain_after_forgetting_a_whole_donor_keeps_the_batch_layout():
+    adata = su.data.synthetic_pbmc(n_cells=150, n_genes=40, n_donors=3, seed=5)
+    su.model.SCVI.setup_anndata(adata, batch_key="donor")
+    model = su.model.SCVI(adata, n_latent=4)
+    model.train(max_epochs=2, train_size=1.0, accelerator="cpu", enable_progress_bar=False)
+    donor = np.flatnonzero(adata.obs["donor"] == "donor_0")
+    out = model.unlearn(donor, method="retrain", max_epochs=1, accelerator="cpu")
+    assert out.module.n_batch == model.module.n_batch == 3
+    assert np.intersect1d(out.train_indices, donor).size == 0
+    # the forgotten donor's cells can still be featurised (and audited) by the new model
+    assert np.isfinite(attack_features(out, indices=donor).to_numpy()).all()
