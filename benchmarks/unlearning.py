@@ -180,7 +180,11 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
             "time_vs_retrain": seconds / retrain_time,
         }
 
-    rows.append(row("baseline", args.seed, target, audit(target), target_s))
+    baseline = audit(target, attacks=su.audit.ATTACKS)
+    (out / "reports").mkdir(parents=True, exist_ok=True)
+    baseline.to_json(str(out / "reports" / f"{dataset}_{forget_type}_baseline.json"))
+    print(repr(baseline))
+    rows.append(row("baseline", args.seed, target, baseline, target_s))
     for s, ((m, t), rep) in enumerate(zip(retrains, retrain_reports)):
         rows.append(row("retrain", s, m, rep, t))
     for name in args.methods:

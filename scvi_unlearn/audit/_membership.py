@@ -26,6 +26,7 @@ from scvi_unlearn.audit._attacks import (
     loss_scores,
 )
 from scvi_unlearn.audit._features import LOSS_FEATURE, SCALAR_FEATURES, attack_features
+from scvi_unlearn.audit._metrics import auc_from_scores, pooled_reference_interval
 from scvi_unlearn.audit._report import AuditReport, score_attack
 from scvi_unlearn.audit._shadows import ShadowPool, default_cache_dir, train_shadow_pool
 
@@ -205,7 +206,9 @@ class MembershipInference:
         for attack in attacks:
             try:
                 scores = self._scores(attack, feats, cells, is_member)
-                ref_aucs, source = self._reference_aucs(attack, refs, cells, is_member)
+                ref_aucs, source, interval = self._reference(
+                    attack, refs, cells, is_member, n_bootstrap
+                )
             except ValueError as exc:
                 skipped[attack] = str(exc)
                 continue
@@ -217,6 +220,7 @@ class MembershipInference:
                 source,
                 n_bootstrap=n_bootstrap,
                 seed=self.seed,
+                reference_interval=interval,
             )
         if not results:
             raise ValueError(f"No attack could be run: {skipped}")
@@ -252,6 +256,11 @@ class MembershipInference:
                     "cells the model never trained on."
                 )
             unseen = np.setdiff1d(m, trained)
+            # Cells an unlearned model forgot are the point of its audit, not a mistake.
+            forgotten = (getattr(model, "unlearning_provenance_", None) or {}).get(
+                "forgotten_obs_names", []
+            )
+            unseen = unseen[~self.adata.obs_names[unseen].isin(forgotten)]
             if unseen.size:
                 warnings.warn(
                     f"{unseen.size} of {m.size} `members` are not in the model's recorded "
@@ -335,26 +344,41 @@ class MembershipInference:
             self._classifier = clf
         return clf
 
-    def _reference_aucs(self, attack, refs, cells, is_member) -> tuple[list[float], str]:
-        """The attack's AUC on the same contrast under models that never saw the cells."""
-        from scvi_unlearn.audit._metrics import auc_from_scores
+    def _reference(self, attack, refs, cells, is_member, n_bootstrap):
+        """The attack on the same contrast under models that never trained on the cells.
 
+        Returns the per-model AUCs, a description, and the reference interval: mean ± 2 SD
+        over three or more reference models (the retrain band of METHODS), otherwise the
+        pooled AUC's bootstrap interval (OUT shadow models, or one or two reference models).
+        """
+        pairs = []
         if refs:
-            aucs = []
             for ref_feats in refs:
                 s = self._scores(attack, ref_feats, cells, is_member)
-                aucs.append(float(auc_from_scores(s[is_member], s[~is_member])))
-            return aucs, f"{len(refs)} reference models"
+                pairs.append((s[is_member], s[~is_member]))
+            source = f"{len(refs)} reference models"
+        elif self.shadows_ is not None:
+            pairs = self._shadow_reference_scores(attack, cells, is_member)
+            source = f"{len(pairs)} OUT shadow models, pooled"
+        if not pairs:
+            return [], "", None
+        aucs = [float(auc_from_scores(m, n)) for m, n in pairs]
+        if refs and len(refs) >= 3:
+            mean, sd = float(np.mean(aucs)), float(np.std(aucs, ddof=1))
+            return aucs, source, (max(mean - 2 * sd, 0.0), min(mean + 2 * sd, 1.0))
+        _, low, high = pooled_reference_interval(
+            [m for m, _ in pairs], [n for _, n in pairs], n_bootstrap=n_bootstrap, seed=self.seed
+        )
+        return aucs, source, (low, high)
+
+    def _shadow_reference_scores(self, attack, cells, is_member) -> list:
+        """Each shadow in turn plays the audited model, on the audited cells it did NOT train
+        on, calibrated by the other shadows: the attack's scores when membership is absent."""
         shadows = self.shadows_
-        if shadows is None:
-            return [], ""
-        aucs = []
-        # Each shadow in turn plays the audited model, on the audited cells it did NOT train on,
-        # calibrated by the other shadows: the attack's score when membership is absent.
+        pairs = []
         for k in range(shadows.n_shadows):
             out = ~shadows.in_mask[k, cells]
-            m_out, n_out = out & is_member, out & ~is_member
-            if m_out.sum() < 2 or n_out.sum() < 2:
+            if (out & is_member).sum() < 2 or (out & ~is_member).sum() < 2:
                 continue
             sub = np.flatnonzero(out)
             feats_k = shadows.features[k, cells[sub]]
@@ -362,5 +386,5 @@ class MembershipInference:
                 s = self._scores(attack, feats_k, cells[sub], is_member[sub], exclude=k)
             except ValueError:
                 continue
-            aucs.append(float(auc_from_scores(s[is_member[sub]], s[~is_member[sub]])))
-        return aucs, f"{len(aucs)} OUT shadow models"
+            pairs.append((s[is_member[sub]], s[~is_member[sub]]))
+        return pairs

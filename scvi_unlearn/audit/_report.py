@@ -44,10 +44,18 @@ class AttackResult:
     reference_aucs: list[float] = field(default_factory=list)
     reference_source: str = ""
     verdict: str = NO_EVIDENCE
+    reference_interval: tuple[float, float] | None = None
 
     @property
     def reference_band(self) -> tuple[float, float]:
-        """Mean ± 2 SD of the reference AUCs, within [0, 1] (NaN if there are none)."""
+        """The range of AUCs expected from models that never trained on the audited cells.
+
+        The interval computed by the audit when given (pooled reference AUC's 95% bootstrap
+        interval, or mean ± 2 SD over three or more reference models); otherwise mean ± 2 SD of
+        ``reference_aucs``; within [0, 1]; NaN if there is no reference.
+        """
+        if self.reference_interval is not None:
+            return (float(self.reference_interval[0]), float(self.reference_interval[1]))
         ref = np.asarray(self.reference_aucs, dtype=float)
         ref = ref[np.isfinite(ref)]
         if ref.size == 0:
@@ -70,6 +78,7 @@ def score_attack(
     reference_source: str,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    reference_interval: tuple[float, float] | None = None,
 ) -> AttackResult:
     """Compute the metrics, bootstrap CIs and verdict of one attack."""
     m = np.asarray(member_scores, dtype=float)
@@ -90,6 +99,7 @@ def score_attack(
         tpr_at_01pct_fpr_ci=percentile_ci(boot["tpr@0.001"]),
         reference_aucs=[float(a) for a in reference_aucs],
         reference_source=reference_source,
+        reference_interval=reference_interval,
     )
     result.verdict = _attack_verdict(result)
     return result
@@ -250,8 +260,15 @@ class AuditReport:
         data = json.loads(text)
         results = {}
         for name, r in data["results"].items():
-            for key in ("auc_ci", "advantage_ci", "tpr_at_1pct_fpr_ci", "tpr_at_01pct_fpr_ci"):
-                r[key] = tuple(r[key])
+            for key in (
+                "auc_ci",
+                "advantage_ci",
+                "tpr_at_1pct_fpr_ci",
+                "tpr_at_01pct_fpr_ci",
+                "reference_interval",
+            ):
+                if r.get(key) is not None:
+                    r[key] = tuple(r[key])
             results[name] = AttackResult(**r)
         return cls(results=results, metadata=data.get("metadata", {}))
 
