@@ -405,3 +405,18 @@ def test_retrain_after_forgetting_a_whole_donor_keeps_the_batch_layout():
     assert np.intersect1d(out.train_indices, donor).size == 0
     # the forgotten donor's cells can still be featurised (and audited) by the new model
     assert np.isfinite(attack_features(out, indices=donor).to_numpy()).all()
+
+
+def test_from_scvi_copies_what_the_new_model_may_change():
+    adata = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=1)
+    scvi.model.SCVI.setup_anndata(adata)
+    plain = scvi.model.SCVI(adata, n_latent=3, n_hidden=16)
+    plain.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    wrapped = su.model.SCVI.from_scvi(plain)
+    assert wrapped.adata is plain.adata
+    assert wrapped.module is not plain.module
+    assert wrapped.history_ is not plain.history_
+    with torch.no_grad():
+        next(wrapped.module.parameters()).add_(1.0)
+    assert not torch.equal(next(wrapped.module.parameters()), next(plain.module.parameters()))
+    assert wrapped.get_latent_representation().shape == (adata.n_obs, 3)

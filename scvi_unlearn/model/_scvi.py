@@ -97,9 +97,12 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         from uuid import uuid4
 
         new = cls.__new__(cls)
-        new.__dict__.update({k: v for k, v in model.__dict__.items() if k != "module"})
+        # Share the AnnData and its managers; copy everything the new model may change.
+        shared = {"adata", "adata_manager", "_adata", "_adata_manager", "module"}
+        new.__dict__.update(
+            {k: (v if k in shared else copy.deepcopy(v)) for k, v in model.__dict__.items()}
+        )
         new.module = copy.deepcopy(model.module)
-        new.init_params_ = copy.deepcopy(model.init_params_)
         new.id = str(uuid4())
         # scvi-tools keeps AnnData managers in per-class stores: register the original's
         # managers with this class so the wrapped model finds its data.
