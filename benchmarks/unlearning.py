@@ -105,8 +105,9 @@ def make_split(adata, dataset: str, forget_type: str, seed: int):
 
 def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     split = make_split(adata, dataset, forget_type, args.seed)
-    forget_sel, forget_rep = su.data.validation_split(split.forget, 0.3, seed=args.seed)
-    non_sel, non_rep = su.data.validation_split(split.nonmember, 0.3, seed=args.seed)
+    # validation_split returns (70%, 30%): the 30% select, the 70% report.
+    forget_rep, forget_sel = su.data.validation_split(split.forget, 0.3, seed=args.seed)
+    non_rep, non_sel = su.data.validation_split(split.nonmember, 0.3, seed=args.seed)
     background = np.setdiff1d(split.heldout, split.nonmember)
     print(f"\n=== {dataset} / {forget_type}: {split!r}")
     print(f"reporting cells: {forget_rep.size} forget vs {non_rep.size} non-members")
