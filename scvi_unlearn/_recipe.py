@@ -138,7 +138,6 @@ class Recipe:
         )
         return model
 
-
     def fit_cells(
         self,
         adata: AnnData,

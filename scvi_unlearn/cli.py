@@ -57,6 +57,15 @@ def resolve_audit_cells(model, adata, population=None, members_file=None, nonmem
             raise ValueError(
                 "The model stores no training indices: pass --members and --nonmembers files."
             )
+        n_setup = model.summary_stats.get("n_cells")
+        if n_setup is not None and int(n_setup) != adata.n_obs:
+            # Plain scvi-tools stores positions, not names: they only mean something in the
+            # AnnData the model was set up with.
+            raise ValueError(
+                f"The model was set up on an AnnData of {int(n_setup)} cells but the data has "
+                f"{adata.n_obs}; its stored training positions cannot be matched to these cells. "
+                "Pass the AnnData it was trained on, or --members and --nonmembers files."
+            )
         trained = np.zeros(adata.n_obs, bool)
         trained[np.asarray(train, dtype=int)] = True
     population_idx = _select(adata, population)

@@ -1,5 +1,16 @@
-"""Plots in scanpy style: every function takes ``ax=``, ``show=`` and ``save=``."""
+"""Plots in scanpy style: every function takes ``ax=`` (or ``axes=``), ``show=`` and ``save=``
+and returns the matplotlib axes.
 
+- :func:`roc_curves`: ROC curves of every attack of an audit (log-log: the low-FPR regime).
+- :func:`method_comparison`: a privacy metric per unlearning method with CIs, against the
+  retrain band.
+- :func:`utility_comparison`: utility metrics per model, grouped bars.
+- :func:`latent_embedding`: UMAPs of several models' latent spaces side by side, with the
+  forget set highlighted.
+"""
+
+from scvi_unlearn.pl._comparison import method_comparison, utility_comparison
+from scvi_unlearn.pl._embedding import latent_embedding
 from scvi_unlearn.pl._roc import roc_curves
 
-__all__ = ["roc_curves"]
+__all__ = ["latent_embedding", "method_comparison", "roc_curves", "utility_comparison"]

@@ -55,11 +55,15 @@ def roc_curves(
         ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {r.auc:.2f})")
     lims = (1e-3, 1) if log_scale else (0, 1)
     ax.plot(lims, lims, ls="--", c="grey", lw=1, label="chance")
+    # A little room above TPR = 1 so that a perfect attack's curve is not hidden by the frame.
     if log_scale:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(*lims)
-        ax.set_ylim(*lims)
+        ax.set_xlim(1e-3, 1.15)
+        ax.set_ylim(1e-3, 1.15)
+    else:
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.set_title(title if title is not None else f"Membership audit: {report.verdict}")
