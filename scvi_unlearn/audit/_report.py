@@ -283,24 +283,12 @@ class AuditReport:
             f"AuditReport({self.metadata.get('n_members')} members, "
             f"{self.metadata.get('n_nonmembers')} non-members): {self.verdict}"
         )
-        return (
-            head
-            + "\n"
-            + self.to_frame()[
-                [
-                    "auc",
-                    "auc_low",
-                    "auc_high",
-                    "advantage",
-                    "tpr@1%fpr",
-                    "reference_low",
-                    "reference_high",
-                    "verdict",
-                ]
-            ]
-            .round(3)
-            .to_string()
-        )
+        skipped = self.metadata.get("skipped_attacks") or {}
+        if skipped:
+            head += "\nskipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        columns = ["auc", "auc_low", "auc_high", "advantage", "tpr@1%fpr", "reference_low",
+                   "reference_high", "verdict"]  # fmt: skip
+        return head + "\n" + self.to_frame()[columns].round(3).to_string()
 
 
 def _py(value):
