@@ -79,7 +79,10 @@ def unlearn(
         Show Lightning's progress bar.
     audit_kwargs
         Arguments of :class:`~scvi_unlearn.MembershipInference` (default ``n_shadows=4``,
-        no cache) and of its ``audit`` (``reference_models``, ``n_bootstrap``).
+        no cache) and of its ``audit`` (``reference_models``, ``n_bootstrap``), plus
+        ``nonmembers``: the audit's own non-members. Pass cells the method did not see: by
+        default the audit reuses the method's non-members, on which an adversarial method
+        selected its state, so its verdict would be optimistic.
     **method_kwargs
         Hyper-parameters of the method (see ``METHODS[method].params``), e.g. ``lambda_``,
         ``n_critics``, ``critic_lr`` for extragradient, ``alpha`` for Fisher.
@@ -146,19 +149,26 @@ def unlearn(
     wall_time = time.perf_counter() - start
     _finish(target, run, model)
     event = _event(run, method, train, nonmember_info, started_at, wall_time, metrics)
+    _record(target, model, event)
     if audit:
-        event["audit"] = _audit(
+        # After _record, so the audit knows which members were forgotten on purpose.
+        audit_kwargs = dict(audit_kwargs or {})
+        # Reporting non-members kept apart from those the method selected on (METHODS flaw 8).
+        audit_nonmembers = audit_kwargs.pop("nonmembers", None)
+        if audit_nonmembers is not None:
+            audit_nonmembers = as_cell_indices(model.adata, audit_nonmembers, "audit nonmembers")
+        summary = _audit(
             target,
             model,
             forget,
-            nonmember_idx,
+            nonmember_idx if audit_nonmembers is None else audit_nonmembers,
             seed,
             accelerator,
             devices,
             enable_progress_bar,
-            audit_kwargs or {},
+            audit_kwargs,
         )
-    _record(target, model, event)
+        target.unlearning_provenance_["events"][-1]["audit"] = _clean(summary)
     return target
 
 
