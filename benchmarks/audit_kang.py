@@ -52,6 +52,18 @@ def artefact_nonmembers(model, adata, forget, unseen, k: int = 10) -> np.ndarray
     return np.unique(unseen[idx.ravel()])
 
 
+def latent_cv_attack(model, members, nonmembers, seed):
+    """The original study's kind of attacker: a classifier on the features *and* the latent
+    posterior, cross-validated. On a cell-type contrast it learns the cell type."""
+    from scvi_unlearn.audit import cv_classifier_scores
+    from scvi_unlearn.audit._report import score_attack
+
+    cells = np.r_[members, nonmembers]
+    feats = su.attack_features(model, indices=cells, include_latent=True).to_numpy()
+    m, n = cv_classifier_scores(feats[: members.size], feats[members.size :], seed=seed)
+    return score_attack("cv_classifier_latent", m, n, [], "", n_bootstrap=500, seed=seed)
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -132,7 +144,11 @@ def run(args) -> dict:
                         nonmembers=nonmembers,
                         attacks=("loss", "cv_classifier"),
                     )
-                    for attack, r in rep.results.items():
+                    results = dict(rep.results)
+                    results["cv_classifier_latent"] = latent_cv_attack(
+                        model, split.forget, nonmembers, args.seed
+                    )
+                    for attack, r in results.items():
                         types = adata.obs["cell_type"].iloc[nonmembers].value_counts()
                         artefact_rows.append(
                             {
