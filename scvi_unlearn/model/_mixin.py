@@ -58,9 +58,17 @@ class UnlearningMixin:
 
         Examples
         --------
-        >>> forgotten = model.unlearn(forget_idx, method="fisher")  # doctest: +SKIP
-        >>> forgotten.provenance["events"][-1]["method"]  # doctest: +SKIP
-        'fisher'
+        >>> import scvi_unlearn as su
+        >>> adata = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=0)
+        >>> recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 3})
+        >>> model = recipe.fit_cells(adata, list(range(100)), accelerator="cpu",
+        ...                          enable_progress_bar=False)
+        >>> forgotten = model.unlearn([0, 1, 2], method="fisher", accelerator="cpu",
+        ...                           enable_progress_bar=False)
+        >>> forgotten.provenance["events"][-1]["method"], len(forgotten.train_indices)
+        ('fisher', 97)
+        >>> len(model.train_indices)  # the original is untouched
+        100
         """
         from scvi_unlearn.train import unlearn
 

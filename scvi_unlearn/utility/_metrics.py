@@ -91,7 +91,16 @@ def compare_utility(
 
     Examples
     --------
-    >>> compare_utility({"baseline": base, "retrain": retrained}, adata, heldout)  # doctest: +SKIP
+    >>> import scvi_unlearn as su
+    >>> adata = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=0)
+    >>> recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 2})
+    >>> base = recipe.fit_cells(adata, list(range(100)), accelerator="cpu",
+    ...                         enable_progress_bar=False)
+    >>> retrained = base.unlearn([0, 1], method="retrain", accelerator="cpu",
+    ...                          enable_progress_bar=False)
+    >>> table = compare_utility({"baseline": base, "retrain": retrained}, indices=range(100, 120))
+    >>> table.index.tolist(), "knn_accuracy" in table.columns
+    (['baseline', 'retrain'], True)
     """
     if not models:
         raise ValueError("`models` is empty; pass a dict name -> model.")
