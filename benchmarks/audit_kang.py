@@ -134,8 +134,13 @@ def run(args) -> dict:
             ):
                 other = artefact_nonmembers(model, adata, split.forget, unseen)
                 same = split.nonmember
+                rng = np.random.default_rng(args.seed)
+                cell_type = adata.obs["cell_type"].to_numpy()
+                other_types = unseen[cell_type[unseen] != args.population]
+                random_other = np.sort(rng.choice(other_types, size=other.size, replace=False))
                 for contrast, nonmembers in (
                     ("nearest unseen cells, any type (original)", other),
+                    ("random unseen cells of other types", random_other),
                     ("same population (ours)", same),
                 ):
                     rep = mi.audit(

@@ -51,15 +51,15 @@ matplotlib.use("Agg")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 METHODS = {
-    # row name: (method, hyper-parameters)
-    "frozen_critic": ("frozen_critic", {}),
-    "extragradient_l5": ("extragradient", {"lambda_": 5.0}),
-    "extragradient_l10": ("extragradient", {"lambda_": 10.0}),
+    # row name: (method, hyper-parameters); cheap methods first, so a run cut short has them
     "fisher": ("fisher", {}),
     "ssd": ("ssd", {}),
     "finetune": ("finetune", {}),
     "gradient_ascent": ("gradient_ascent", {}),
     "scrub": ("scrub", {}),
+    "extragradient_l10": ("extragradient", {"lambda_": 10.0}),
+    "frozen_critic": ("frozen_critic", {}),
+    "extragradient_l5": ("extragradient", {"lambda_": 5.0}),
 }
 TARGET = {"n_hidden": 512, "n_layers": 2, "n_latent": 30}
 POPULATIONS = {"kang": "Megakaryocytes", "pbmc3k": "Platelet"}
@@ -188,6 +188,8 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     rows.append(row("baseline", args.seed, target, baseline, target_s))
     for s, ((m, t), rep) in enumerate(zip(retrains, retrain_reports)):
         rows.append(row("retrain", s, m, rep, t))
+    partial = out / "cells" / f"{dataset}_{forget_type}.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for name in args.methods:
         method, hp = METHODS[name]
         for s in range(args.method_seeds):
@@ -215,6 +217,8 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
                 continue
             rows.append(row(name, s, m, audit(m), time.perf_counter() - t0))
         print(pd.DataFrame(rows).tail(args.method_seeds).to_string())
+        # Saved after every method, so a run cut short still reports what it finished.
+        partial.write_text(json.dumps({"retrain_band": band, "rows": rows}, indent=2, default=str))
     result = {
         "dataset": dataset,
         "forget": forget_type,
