@@ -114,11 +114,9 @@ def loss_scores(module: torch.nn.Module, tensors: Tensors, chunk_size: int = 102
 
 def loss_auc(module: torch.nn.Module, members: Tensors, nonmembers: Tensors) -> float:
     """ROC AUC of the loss-threshold attack, ``members`` (label 1) against ``nonmembers``."""
-    from sklearn.metrics import roc_auc_score
+    from scvi_unlearn.audit._metrics import auc_from_scores
 
-    m, n = loss_scores(module, members), loss_scores(module, nonmembers)
-    labels = np.r_[np.ones(m.size), np.zeros(n.size)]
-    return float(roc_auc_score(labels, np.r_[m, n]))
+    return float(auc_from_scores(loss_scores(module, members), loss_scores(module, nonmembers)))
 
 
 # -- the plan base class ---------------------------------------------------------------------
