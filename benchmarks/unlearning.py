@@ -133,11 +133,10 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     mi.fit(progress_bar=False)
     shadow_s = time.perf_counter() - t0
 
-    def audit(model, refs=None):
-        rep = mi.audit(
-            model, members=forget_rep, nonmembers=non_rep, reference_models=refs, n_bootstrap=500
+    def audit(model, attacks=("loss", "lira_online")):
+        return mi.audit(
+            model, members=forget_rep, nonmembers=non_rep, attacks=attacks, n_bootstrap=500
         )
-        return rep
 
     def utility(model):
         return su.utility.utility_metrics(model, indices=background)
