@@ -8,6 +8,7 @@ import anndata
 import numpy as np
 import pytest
 import scvi
+import torch
 from sklearn.metrics import roc_auc_score
 
 import scvi_unlearn as su
@@ -246,6 +247,18 @@ def test_gene_mismatch_and_untrained_model_are_refused(overfit_case):
         case["mi"].audit(untrained, members=case["train"][:5], nonmembers=case["held"][:5])
     with pytest.raises(RuntimeError, match="not trained"):
         su.MembershipInference(case["adata"], recipe=untrained, cache_dir=False)
+
+
+def test_diverged_model_is_refused_by_name(overfit_case):
+    import copy
+
+    case = overfit_case
+    diverged = copy.deepcopy(case["model"])
+    with torch.no_grad():
+        for param in diverged.module.decoder.parameters():
+            param.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite attack features"):
+        case["mi"].audit(diverged, members=case["train"][:5], nonmembers=case["held"][:5])
 
 
 def test_invalid_configuration_is_refused(overfit_case):

@@ -139,6 +139,26 @@ def test_retrain_is_inside_the_null_band(setting, retrains):
     assert leak.results["loss"].verdict == "leak"
 
 
+def test_retain_fraction_draws_fewer_retain_batches(setting):
+    model, forget = setting["model"], setting["split"].forget
+    kwargs = {
+        "method": "extragradient",
+        "seed": 0,
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "critic_pretrain_steps": 5,
+        "batch_size": 16,
+    }
+    full = model.unlearn(forget, retain_fraction=1.0, **kwargs)
+    part = model.unlearn(forget, retain_fraction=0.25, **kwargs)
+    n_full = full.provenance["events"][-1]["metrics"]["retain_batches_per_epoch"]
+    n_part = part.provenance["events"][-1]["metrics"]["retain_batches_per_epoch"]
+    assert n_full >= 4
+    assert n_part < n_full and n_part <= int(np.ceil(0.25 * n_full)) + 1
+    with pytest.raises(ValueError, match="retain_fraction"):
+        model.unlearn(forget, method="extragradient", retain_fraction=0.0, accelerator="cpu")
+
+
 def test_retrain_trains_on_the_retained_cells_only(setting, retrains):
     split = setting["split"]
     for m in retrains:

@@ -290,7 +290,17 @@ class MembershipInference:
             and np.array_equal(model.adata.obs_names, self.adata.obs_names)
         )
         adata = None if same else self.adata
-        return attack_features(model, adata, indices=cells).to_numpy()
+        feats = attack_features(model, adata, indices=cells).to_numpy()
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            # Otherwise LiRA's per-cell fits fail later with a message about shadows.
+            raise ValueError(
+                f"The audited model gives non-finite attack features for {int(bad.sum())} of "
+                f"{bad.size} cells (e.g. {self.adata.obs_names[cells[bad][:3]].tolist()}): its "
+                "weights have probably diverged (too much noise or too large a learning rate). "
+                "Such a model cannot be audited, and is not usable either."
+            )
+        return feats
 
     # -- attacks ---------------------------------------------------------------------------
     def _scores(self, attack, feats, cells, is_member, exclude: int | None = None) -> np.ndarray:

@@ -83,9 +83,16 @@ class UnlearningRun:
         max_epochs: int | None = None,
     ):
         """Run ``plan`` under scvi-tools' TrainRunner on the model's retained cells."""
-        splitter = make_data_splitter(
-            self.model, train_idx, val_idx, batch_size=self.hyperparameters["batch_size"]
-        )
+        batch_size = self.hyperparameters["batch_size"]
+        splitter = make_data_splitter(self.model, train_idx, val_idx, batch_size=batch_size)
+        extra = {}
+        fraction = self.hyperparameters.get("retain_fraction", 1.0)
+        if fraction < 1.0:
+            # Lightning draws a fresh random subset of the (shuffled) retain minibatches each
+            # epoch; an integer count, at least one, because a float that rounds to zero
+            # batches is an error in Lightning.
+            n_batches = int(np.ceil(np.asarray(train_idx).size / batch_size))
+            extra["limit_train_batches"] = max(1, int(np.ceil(fraction * n_batches)))
         return run_plan(
             self.model,
             plan,
@@ -94,6 +101,7 @@ class UnlearningRun:
             accelerator=self.accelerator,
             devices=self.devices,
             enable_progress_bar=self.enable_progress_bar,
+            **extra,
         )
 
 
@@ -131,6 +139,19 @@ _GAME = {
     "critic_pretrain_steps": Param(200, "int", low=0),
     "critic_pretrain_lr": Param(1e-2, "float", low=0, low_open=True),
     "adv_batch_size": Param(256, "int", low=1),
+}
+_BUDGET = {
+    # The game's cost per retain cell is ~2.7x a plain training step (look-ahead + update,
+    # each with forget / non-member passes); a quarter of the retain minibatches per epoch
+    # over 20 epochs keeps it near 0.15x of a 100-epoch retrain (benchmarks/unlearning.py).
+    "retain_fraction": Param(
+        0.25,
+        "float",
+        low=0,
+        high=1,
+        low_open=True,
+        doc="share of the retain minibatches drawn (afresh) in each epoch",
+    ),
 }
 _FISHER = {
     "alpha": Param(1e-3, "float", low=0, doc="scale of the Golatkar noise"),
@@ -216,6 +237,7 @@ def _with_history(summary: dict[str, Any], runner) -> dict[str, Any]:
         "elbo_train",
     )
     summary["epochs_run"] = int(runner.trainer.current_epoch)
+    summary["retain_batches_per_epoch"] = int(runner.trainer.num_training_batches)
     summary["history"] = {k: v for k, v in history.items() if k in keep}
     return summary
 
@@ -334,18 +356,25 @@ METHODS: dict[str, MethodSpec] = {
             **_TRAINING,
             **_SELECTION,
             **_GAME,
+            **_BUDGET,
             "critic_lr": Param(None, "float", low=0, low_open=True, allow_none=True),
         },
         needs_nonmembers=True,
-        default_max_epochs=50,
+        default_max_epochs=20,
         run=_run_extragradient,
         description="extragradient co-training against forget-vs-non-member critics",
     ),
     "frozen_critic": MethodSpec(
         "frozen_critic",
-        {**_TRAINING, **_SELECTION, **_GAME, "critic_pretrain_steps": Param(300, "int", low=0)},
+        {
+            **_TRAINING,
+            **_SELECTION,
+            **_GAME,
+            **_BUDGET,
+            "critic_pretrain_steps": Param(300, "int", low=0),
+        },
         needs_nonmembers=True,
-        default_max_epochs=50,
+        default_max_epochs=20,
         run=_run_frozen,
         description="VAE trained to fool pre-trained, frozen critics (failing baseline)",
     ),
