@@ -112,7 +112,17 @@ def retrains(setting):
 @pytest.fixture(scope="module")
 def extragradient(setting):
     model, split = setting["model"], setting["split"]
-    return model.unlearn(split.forget, method="extragradient", seed=0, accelerator="cpu")
+    # The full-retain, 50-epoch budget this test was designed with: it checks that the game
+    # can lower the AUC. The cheaper default (20 epochs, a quarter of the retain batches per
+    # epoch) lowered it only from 0.90 to 0.83 here; benchmarks/ reports that budget honestly.
+    return model.unlearn(
+        split.forget,
+        method="extragradient",
+        seed=0,
+        accelerator="cpu",
+        max_epochs=50,
+        retain_fraction=1.0,
+    )
 
 
 # -- the leak, exact unlearning, and extragradient -----------------------------------------------

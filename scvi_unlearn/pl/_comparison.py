@@ -135,7 +135,7 @@ def method_comparison(
             band = (ref.mean() - 2 * sd, ref.mean() + 2 * sd)
             band_label = f"{reference} band (mean ± 2 SD, n={ref.size})"
     else:
-        band_label = "reference band"
+        band_label = f"{reference} band" if reference in methods else "reference band"
     if band is not None:
         low, high = (float(b) for b in band)
         if not low <= high:
