@@ -14,6 +14,14 @@ retrain against one extra-gradient run (the issue's <= 0.25x target) on the GPU.
 Run::
 
     python benchmarks/gpu_check.py --out OUT_DIR [--kang PATH] [--budget-s 420]
+    python benchmarks/gpu_check.py --out /tmp/x --accelerator cpu --smoke-epochs 5  # dry run
+
+On a machine whose Python has torch, lightning, numba, pandas, scikit-learn and matplotlib but
+not the single-cell stack, carry these wheels (py3.12, ``pip download --no-deps``; docrep has
+no wheel, build it with ``pip wheel``): scvi-tools 1.4.2, anndata 0.12.19, docrep 0.3.2,
+donfig, ml_collections, mudata, natsort, numcodecs, pynndescent, scanpy 1.11.5, sparse, zarr 3,
+array-api-compat, google-crc32c, legacy-api-wrap, pyro-api, pyro-ppl, scverse-misc,
+session-info2, umap-learn; then ``PYTHONPATH=<wheels dir>:<repo>``.
 """
 
 from __future__ import annotations
