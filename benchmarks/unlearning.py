@@ -135,7 +135,7 @@ def retrain_band(aucs: list[float], cis: list[tuple[float, float]]) -> tuple[flo
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
-def select_fisher_alpha(target, split, select, ref, args, unlearn_kwargs) -> dict:
+def select_fisher_alpha(target, split, select, ref, unlearn_kwargs) -> dict:
     """Choose Fisher's ``alpha`` on the *selection* cells only (never the reporting cells).
 
     For each alpha of ``FISHER_ALPHAS`` (seed 0): LiRA AUC on the selection forget vs
@@ -287,7 +287,7 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         hp = dict(hp)
         if method == "fisher" and args.select_fisher:
             selections[name] = select_fisher_alpha(
-                target, split, select, selection_ref, args, unlearn_kwargs
+                target, split, select, selection_ref, unlearn_kwargs
             )
             hp["alpha"] = selections[name]["alpha"]
         for s in range(args.method_seeds):
