@@ -1,6 +1,6 @@
 """Benchmark: membership audit of scVI on real PBMCs (Kang 2018), and the original's artefact.
 
-What it measures (METHODS sections 3-5, 9):
+What it measures (docs/methods.md: protocol, features, attacks):
 
 1. Megakaryocytes split into trained and held-out halves (``membership_split``); a default
    scVI and a larger scVI are trained on the training cells with a fixed recipe.
@@ -44,8 +44,11 @@ RECIPES = {
 
 
 def artefact_nonmembers(model, adata, forget, unseen, k: int = 10) -> np.ndarray:
-    """The original study's "matched negatives": the k nearest unseen cells of each forget cell
-    in the model's latent space, whatever their cell type (flaw 1 of METHODS)."""
+    """The original study's "matched negatives" (flaw 1 of the original protocol).
+
+    The k nearest unseen cells of each forget cell in the model's latent space, whatever
+    their cell type.
+    """
     latent = model.get_latent_representation(indices=np.r_[forget, unseen])
     nn = NearestNeighbors(n_neighbors=k).fit(latent[forget.size :])
     _, idx = nn.kneighbors(latent[: forget.size])
@@ -53,8 +56,11 @@ def artefact_nonmembers(model, adata, forget, unseen, k: int = 10) -> np.ndarray
 
 
 def latent_cv_attack(model, members, nonmembers, seed):
-    """The original study's kind of attacker: a classifier on the features *and* the latent
-    posterior, cross-validated. On a cell-type contrast it learns the cell type."""
+    """The original study's kind of attacker, cross-validated.
+
+    A classifier on the features *and* the latent posterior. On a cell-type contrast it
+    learns the cell type.
+    """
     from scvi_unlearn.audit import cv_classifier_scores
     from scvi_unlearn.audit._report import score_attack
 

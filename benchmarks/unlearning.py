@@ -1,6 +1,6 @@
 """Benchmark: the original study's results table, reproduced with scvi-unlearn on real PBMCs.
 
-Protocol (METHODS.md sections 3-8):
+Protocol (docs/methods.md: protocol, unlearning, success):
 
 - Data: Kang 2018 (12,261 cells, 1,287 genes) and pbmc3k (2,638 QC cells, 1,000 HVGs chosen
   with ``seurat_v3`` on raw counts; counts kept).
@@ -24,10 +24,10 @@ Protocol (METHODS.md sections 3-8):
   epoch, best epoch chosen on selection cells); the other methods at their defaults.
 - Retrain band: ``retrain`` with 3 seeds (same recipe); band = mean ± 2 SD, the SD folding
   the spread over seeds and the AUC's sampling error on the reporting cells
-  (``retrain_band``). Success (METHODS section 8) = LiRA AUC inside the band, held-out neg.
-  ELBO within 5% of retrain, and faster than retraining, in a majority of seeds. A cell whose
-  *trained* model already sits inside the band has no power to judge anything: its verdicts
-  read INCONCLUSIVE.
+  (``retrain_band``). Success (docs/methods.md, "Success") = LiRA AUC inside the band,
+  held-out neg. ELBO within 5% of retrain, and faster than retraining, in a majority of seeds.
+  A cell whose *trained* model already sits inside the band has no power to judge anything:
+  its verdicts read INCONCLUSIVE.
 - Utility on held-out background cells: negative ELBO and KL per cell, k-NN cell-type accuracy,
   marker-gene correlation. Wall time of each method and its ratio to the mean retrain time
   measured in the same run.
@@ -596,9 +596,11 @@ def _display(part: pd.DataFrame) -> pd.DataFrame:
 
 
 def _success(rows: pd.DataFrame, bands, utility_margin: float = 0.05) -> pd.DataFrame:
-    """METHODS section 8: success = LiRA AUC inside the retrain band, held-out neg. ELBO within
-    ``utility_margin`` of the retrain seeds' mean, and faster than retraining. Each criterion
-    is kept as its own column."""
+    """Success as in the Methods page (docs/methods.md, "Success").
+
+    LiRA AUC inside the retrain band, held-out neg. ELBO within ``utility_margin`` of the
+    retrain seeds' mean, and faster than retraining. Each criterion is kept as its own column.
+    """
     rows = rows.copy()
     low = np.array([bands[k][0] for k in zip(rows["dataset"], rows["forget"])], dtype=float)
     high = np.array([bands[k][1] for k in zip(rows["dataset"], rows["forget"])], dtype=float)

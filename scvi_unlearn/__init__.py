@@ -1,15 +1,11 @@
 """scvi-unlearn: machine unlearning and membership-inference audits for scvi-tools models."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-from scvi_unlearn import audit, data, model, pl, train, utility
+from scvi_unlearn import audit, data, model, module, pl, train, utility
 from scvi_unlearn._recipe import Recipe
+from scvi_unlearn._utils import package_version
 from scvi_unlearn.audit import AuditReport, MembershipInference, attack_features
 
-try:
-    __version__ = version("scvi-unlearn")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
+__version__ = package_version()
 
 __all__ = [
     "AuditReport",
@@ -19,6 +15,7 @@ __all__ = [
     "audit",
     "data",
     "model",
+    "module",
     "pl",
     "train",
     "utility",

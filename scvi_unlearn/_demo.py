@@ -7,8 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
+
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn.audit import MembershipInference
+from scvi_unlearn.data import membership_split, synthetic_pbmc, validation_split
+from scvi_unlearn.utility import utility_metrics
 
 #: Demo sizes: ``quick`` finishes in about a minute on 2 CPU cores.
 DEMO_SETTINGS = {
@@ -20,8 +26,6 @@ RARE_TYPE = "Megakaryocyte"
 
 def demo_recipe(max_epochs: int):
     """The over-parameterised recipe the demo audits: it memorises a small training set."""
-    from scvi_unlearn._recipe import Recipe
-
     return Recipe(
         model_kwargs={"n_hidden": 256, "n_latent": 10, "dropout_rate": 0.0},
         train_kwargs={"max_epochs": max_epochs, "train_size": 1.0, "batch_size": 256},
@@ -41,25 +45,21 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
 
     Returns a dict with the ``summary`` table and the :class:`~scvi_unlearn.AuditReport`.
     """
-    import matplotlib
-
     matplotlib.use("Agg")
-    import scvi_unlearn as su
-
     settings = DEMO_SETTINGS["quick" if quick else "full"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    adata = su.data.synthetic_pbmc(
+    adata = synthetic_pbmc(
         n_cells=settings["n_cells"], n_genes=settings["n_genes"], rare_fraction=0.05, seed=seed
     )
-    split = su.data.membership_split(adata, ("cell_type", RARE_TYPE), seed=seed)
+    split = membership_split(adata, ("cell_type", RARE_TYPE), seed=seed)
     print(f"Data: {adata.n_obs} cells x {adata.n_vars} genes; {split!r}")
     recipe = demo_recipe(settings["max_epochs"])
     start = time.perf_counter()
     model = train_target(adata, split, recipe, seed=seed)
     train_seconds = time.perf_counter() - start
 
-    mi = su.MembershipInference(
+    mi = MembershipInference(
         adata, recipe=model, n_shadows=settings["n_shadows"], seed=seed, cache_dir=out / "cache"
     ).fit()
     report = mi.audit(model, members=split.forget, nonmembers=split.nonmember)
@@ -73,11 +73,11 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
             "baseline (trained on the forget cells)",
             report,
             train_seconds,
-            su.utility.utility_metrics(model, indices=background),
+            utility_metrics(model, indices=background),
         )
     ]
     # Methods see only the selection non-members; unlearning audits report on the others.
-    non_sel, non_rep = su.data.validation_split(split.nonmember, 0.5, seed=seed)
+    non_sel, non_rep = validation_split(split.nonmember, 0.5, seed=seed)
     for method in ("extragradient", "fisher", "retrain"):
         print(f"\nUnlearning the {split.forget.size} {RARE_TYPE} cells with {method} ...")
         start = time.perf_counter()
@@ -92,9 +92,7 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
         rep = mi.audit(forgotten, members=split.forget, nonmembers=non_rep)
         rep.to_json(str(out / f"audit_{method}.json"))
         forgotten.save(str(out / f"model_{method}"), overwrite=True)
-        rows.append(
-            _row(method, rep, seconds, su.utility.utility_metrics(forgotten, indices=background))
-        )
+        rows.append(_row(method, rep, seconds, utility_metrics(forgotten, indices=background)))
     summary = pd.DataFrame(rows)
     summary.to_csv(out / "demo_summary.csv", index=False)
     (out / "demo_summary.json").write_text(json.dumps(rows, indent=2, default=str))

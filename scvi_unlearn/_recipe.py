@@ -13,9 +13,40 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scvi
+from scvi.dataloaders._data_splitting import validate_data_split
+
+from scvi_unlearn._utils import to_jsonable
+from scvi_unlearn._validation import as_cell_indices
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+#: Model classes a recipe can train, by name; :func:`register_model_class` fills it.
+MODEL_CLASSES: dict[str, type] = {}
+
+
+def register_model_class(cls: type) -> type:
+    """Class decorator: recipes naming ``cls.__name__`` train ``cls``.
+
+    :class:`scvi_unlearn.model.SCVI` registers itself, so a recipe read from a plain
+    ``scvi.model.SCVI`` trains models that can unlearn. The recipe never imports the model
+    layer, which sits above it.
+    """
+    MODEL_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def resolve_model_class(name: str) -> type:
+    """The registered class called ``name``, else ``scvi.model.<name>``."""
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name]
+    cls = getattr(scvi.model, name, None)
+    if cls is None:
+        raise ValueError(
+            f"Unknown model class {name!r} in the recipe; registered: {sorted(MODEL_CLASSES)}."
+        )
+    return cls
+
 
 # Arguments that steer the hardware or logging, not the statistical recipe.
 _NON_RECIPE_TRAIN_KEYS = {
@@ -45,7 +76,9 @@ class Recipe:
         Arguments of ``model.train`` (``max_epochs``, ``batch_size``, ``train_size``,
         ``plan_kwargs``, ...).
     model_class
-        The scvi-tools model class name; only ``"SCVI"`` is supported.
+        Name of the model class to train: a class registered with
+        :func:`register_model_class` (``"SCVI"`` is :class:`scvi_unlearn.model.SCVI`) or one of
+        ``scvi.model``.
 
     Examples
     --------
@@ -88,7 +121,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return _jsonable(asdict(self))
+        return to_jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -122,10 +155,9 @@ class Recipe:
         accelerator, devices, enable_progress_bar, trainer_kwargs
             Passed to ``model.train``; they do not change the recipe.
         model_cls
-            Class to instantiate; defaults to :class:`scvi_unlearn.model.SCVI`.
+            Class to instantiate; defaults to the recipe's ``model_class``.
         """
-        if model_cls is None:
-            from scvi_unlearn.model import SCVI as model_cls
+        model_cls = model_cls or resolve_model_class(self.model_class)
         scvi.settings.seed = int(seed)
         model_cls.setup_anndata(adata, **self.setup_kwargs)
         model = model_cls(adata, **self.model_kwargs)
@@ -152,17 +184,15 @@ class Recipe:
 
         Held-out cells stay in ``model.adata`` (as scvi-tools' test split), so audits and
         unlearning can refer to them; ``model.train_indices`` records exactly ``train_idx``.
-        ``adata`` is copied, never modified.
+        ``adata`` is copied, never modified. The model is of the recipe's ``model_class``.
         """
-        from scvi_unlearn._validation import as_cell_indices
-        from scvi_unlearn.model import SCVI
-
+        model_cls = resolve_model_class(self.model_class)
         train_idx = as_cell_indices(adata, train_idx, "train_idx")
         rest = np.setdiff1d(np.arange(adata.n_obs), train_idx)
         adata = adata.copy()
         scvi.settings.seed = int(seed)
-        SCVI.setup_anndata(adata, **self.setup_kwargs)
-        model = SCVI(adata, **self.model_kwargs)
+        model_cls.setup_anndata(adata, **self.setup_kwargs)
+        model = model_cls(adata, **self.model_kwargs)
         kwargs = {k: v for k, v in self.train_kwargs.items() if k != "train_size"}
         splitter = dict(kwargs.pop("datasplitter_kwargs", None) or {})
         # scvi-tools wants every cell in a split: the others form its (unused) test set.
@@ -187,8 +217,6 @@ def _avoid_single_cell_batch(train_kwargs: dict[str, Any], n_cells: int) -> dict
     scVI fails with "Expected more than 1 value per channel" when the number of training cells
     is 1 modulo the batch size; shadow halves and retained sets hit this by chance.
     """
-    from scvi.dataloaders._data_splitting import validate_data_split
-
     batch_size = int(train_kwargs.get("batch_size") or scvi.settings.batch_size)
     train_size = train_kwargs.get("train_size")
     validation_size = train_kwargs.get("validation_size")
@@ -213,15 +241,3 @@ def _infer_train_kwargs(model) -> dict[str, Any]:
         n_val = 0 if val_idx is None else len(val_idx)
         kwargs["train_size"] = 1.0 if n_val == 0 else round(n_train / (n_train + n_val), 4)
     return kwargs
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj

@@ -3,79 +3,102 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anndata
+import matplotlib
 import numpy as np
 
+from scvi_unlearn._demo import run_demo
+from scvi_unlearn._model_data import training_positions
+from scvi_unlearn._utils import parse_key_value
+from scvi_unlearn.audit import DEFAULT_N_SHADOWS, MembershipInference
+from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
+from scvi_unlearn.model import SCVI
 
-def _read_index_file(adata, path: str) -> np.ndarray:
-    """Cells listed in a text file: obs names or integer positions, one per line."""
-    from scvi_unlearn._validation import as_cell_indices
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"Index file not found: {path!r}.")
-    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if all(line.lstrip("-").isdigit() for line in lines):
-        return as_cell_indices(adata, np.array(lines, dtype=np.int64), path)
-    return as_cell_indices(adata, np.array(lines), path)
+#: Library loggers whose INFO lines ("Seed set to 0", "GPU available: False", ...) would
+#: otherwise print once per shadow model between the progress bars.
+_CHATTY_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "scvi",
+)
+#: Warnings that say nothing the user can act on in a command-line run.
+_EXPECTED_WARNINGS = (
+    r".*LeafSpec.*",  # torch pytree deprecation raised inside Lightning
+    r".*log_every_n_steps.*",  # small data: fewer batches than Lightning's logging interval
+    r".*does not have many workers.*",  # in-memory AnnData: workers would only add overhead
+)
 
 
-def _select(adata, spec: str | None) -> np.ndarray:
-    """Cells with ``obs[key] == value`` for a ``key=value`` spec (all cells if None)."""
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Library chatter off for the block, or (``verbose``) everything on.
+
+    Quiet: the libraries' INFO lines and the warnings in :data:`_EXPECTED_WARNINGS` are
+    dropped; progress bars and the command's own output stay. Verbose: the libraries log at
+    INFO and ``scvi_unlearn`` at DEBUG (which also lifts its own per-shadow silencing).
+    """
+    loggers = [logging.getLogger(name) for name in (*_CHATTY_LOGGERS, "scvi_unlearn")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers[:-1]:
+        lg.setLevel(logging.INFO if verbose else logging.WARNING)
+    loggers[-1].setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                for pattern in _EXPECTED_WARNINGS:
+                    warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _population_cells(adata, spec: str | None) -> np.ndarray:
+    """Cells with ``obs[key] == value`` for a ``KEY=VALUE`` spec (all cells if None)."""
     if spec is None:
         return np.arange(adata.n_obs)
-    if "=" not in spec:
-        raise ValueError(f"Expected KEY=VALUE, got {spec!r}.")
-    key, value = spec.split("=", 1)
-    if key not in adata.obs:
-        raise KeyError(f"obs column {key!r} not found; available: {list(adata.obs.columns)}.")
-    mask = adata.obs[key].astype(str).to_numpy() == value
-    if not mask.any():
-        values = sorted(adata.obs[key].astype(str).unique())[:20]
-        raise ValueError(f"No cell has {key}={value!r}; values include {values}.")
-    return np.flatnonzero(mask)
+    key, value = parse_key_value(spec, "--population KEY=VALUE")
+    return structured_forget_set(adata, key, value)
 
 
 def resolve_audit_cells(model, adata, population=None, members_file=None, nonmembers_file=None):
     """Members and non-members for an audit of a stored model.
 
-    Index files win; otherwise members are the ``population`` cells the model trained on
-    (from the train indices stored with the model) and non-members the population cells it
-    did not train on.
+    Cell-list files win; otherwise members are the ``population`` cells the model trained on
+    (see :func:`scvi_unlearn._model_data.training_positions`) and non-members the population
+    cells it did not train on.
     """
     if members_file and nonmembers_file:
-        return _read_index_file(adata, members_file), _read_index_file(adata, nonmembers_file)
-    names = getattr(model, "train_obs_names_", None)
-    if names is not None:
-        trained = adata.obs_names.isin(names)
-    else:
-        train = getattr(model, "train_indices", None)
-        if train is None:
-            raise ValueError(
-                "The model stores no training indices: pass --members and --nonmembers files."
-            )
-        n_setup = model.summary_stats.get("n_cells")
-        if n_setup is not None and int(n_setup) != adata.n_obs:
-            # Plain scvi-tools stores positions, not names: they only mean something in the
-            # AnnData the model was set up with.
-            raise ValueError(
-                f"The model was set up on an AnnData of {int(n_setup)} cells but the data has "
-                f"{adata.n_obs}; its stored training positions cannot be matched to these cells. "
-                "Pass the AnnData it was trained on, or --members and --nonmembers files."
-            )
-        trained = np.zeros(adata.n_obs, bool)
-        trained[np.asarray(train, dtype=int)] = True
-    population_idx = _select(adata, population)
+        return read_cell_list(adata, members_file), read_cell_list(adata, nonmembers_file)
+    train = training_positions(model, adata)
+    if train is None:
+        raise ValueError(
+            "The model stores no training indices: pass --members and --nonmembers files."
+        )
+    trained = np.zeros(adata.n_obs, bool)
+    trained[train] = True
+    population_idx = _population_cells(adata, population)
     members = (
-        _read_index_file(adata, members_file)
+        read_cell_list(adata, members_file)
         if members_file
         else population_idx[trained[population_idx]]
     )
     nonmembers = (
-        _read_index_file(adata, nonmembers_file)
+        read_cell_list(adata, nonmembers_file)
         if nonmembers_file
         else population_idx[~trained[population_idx]]
     )
@@ -89,17 +112,14 @@ def resolve_audit_cells(model, adata, population=None, members_file=None, nonmem
 
 
 def cmd_audit(args) -> int:
-    import anndata
-
-    import scvi_unlearn as su
-
+    """``scvi-unlearn audit``: shadows, attacks, report files."""
     adata = anndata.read_h5ad(args.data)
-    model = su.model.SCVI.load(args.model_dir, adata.copy())
+    model = SCVI.load(args.model_dir, adata.copy())
     members, nonmembers = resolve_audit_cells(
         model, adata, args.population, args.members, args.nonmembers
     )
     overrides = {"max_epochs": args.shadow_epochs} if args.shadow_epochs else {}
-    mi = su.MembershipInference(
+    mi = MembershipInference(
         adata,
         recipe=model,
         n_shadows=args.n_shadows,
@@ -113,8 +133,6 @@ def cmd_audit(args) -> int:
 
 
 def _write_report(report, out: Path) -> int:
-    import matplotlib
-
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     print(repr(report))
@@ -133,9 +151,7 @@ def _parse_hyperparameters(pairs: list[str]) -> dict:
     """``["lambda_=5", "n_critics=3"]`` -> ``{"lambda_": 5.0, "n_critics": 3}`` (JSON values)."""
     out = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}.")
-        name, value = pair.split("=", 1)
+        name, value = parse_key_value(pair, "--param NAME=VALUE")
         try:
             out[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -144,20 +160,14 @@ def _parse_hyperparameters(pairs: list[str]) -> dict:
 
 
 def cmd_unlearn(args) -> int:
-    import anndata
-
-    import scvi_unlearn as su
-
+    """``scvi-unlearn unlearn``: forget cells of a saved model and save the result."""
     adata = anndata.read_h5ad(args.data)
-    model = su.model.SCVI.load(args.model_dir, adata)
-    names = getattr(model, "train_obs_names_", None)
-    train = (
-        model.adata.obs_names.get_indexer(names)
-        if names is not None
-        else np.asarray(model.train_indices, dtype=int)
-    )
-    forget = su.data.parse_forget_spec(model.adata, args.forget, within=train)
-    nonmembers = _read_index_file(model.adata, args.nonmembers) if args.nonmembers else None
+    model = SCVI.load(args.model_dir, adata)
+    train = training_positions(model)
+    if train is None:
+        raise ValueError("The model stores no training cells, so none can be unlearned.")
+    forget = parse_forget_spec(model.adata, args.forget, within=train)
+    nonmembers = read_cell_list(model.adata, args.nonmembers) if args.nonmembers else None
     forgotten = model.unlearn(
         forget,
         method=args.method,
@@ -181,21 +191,30 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from scvi_unlearn._demo import run_demo
-
+    """``scvi-unlearn demo``: the end-to-end run on embedded synthetic data."""
     result = run_demo(out_dir=args.out, quick=args.quick, seed=args.seed)
     print(json.dumps(result["summary"], indent=2, default=str))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``scvi-unlearn`` argument parser (subcommands audit, unlearn, demo)."""
     parser = argparse.ArgumentParser(
         prog="scvi-unlearn",
         description="Machine unlearning and membership-inference audits for scVI models.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Show the libraries' log lines and warnings (Lightning, scvi-tools).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    audit = sub.add_parser("audit", help="Audit a saved scVI model for membership leakage.")
+    audit = sub.add_parser(
+        "audit", parents=[common], help="Audit a saved scVI model for membership leakage."
+    )
     audit.add_argument("model_dir", help="Directory written by scvi.model.SCVI.save().")
     audit.add_argument("data", help="The .h5ad the model was trained on (raw counts).")
     audit.add_argument(
@@ -205,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--members", help="Text file of member obs names or positions.")
     audit.add_argument("--nonmembers", help="Text file of non-member obs names or positions.")
-    audit.add_argument("--n-shadows", type=int, default=16)
+    audit.add_argument("--n-shadows", type=int, default=DEFAULT_N_SHADOWS)
     audit.add_argument(
         "--shadow-epochs",
         type=int,
@@ -218,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", default="audit_output")
     audit.set_defaults(func=cmd_audit)
 
-    unlearn = sub.add_parser("unlearn", help="Remove cells from a saved scVI model.")
+    unlearn = sub.add_parser(
+        "unlearn", parents=[common], help="Remove cells from a saved scVI model."
+    )
     unlearn.add_argument("model_dir", help="Directory written by scvi.model.SCVI.save().")
     unlearn.add_argument("data", help="The .h5ad the model was trained on (raw counts).")
     unlearn.add_argument(
@@ -244,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--overwrite", action="store_true")
     unlearn.set_defaults(func=cmd_unlearn)
 
-    demo = sub.add_parser("demo", help="Run the end-to-end demo on embedded synthetic data.")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="Run the end-to-end demo on embedded synthetic data."
+    )
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--quick", action="store_true", help="Smaller data and fewer epochs.")
     demo.add_argument("--seed", type=int, default=0)
@@ -257,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with quiet_libraries(args.verbose):
+            return args.func(args)
     except (FileNotFoundError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
         print(f"scvi-unlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
-import pytest
-import scvi
 
 import scvi_unlearn as su
 from scvi_unlearn import _demo
 from scvi_unlearn.cli import main
 
 
-@pytest.fixture
-def saved_lab_model(tmp_path):
-    """A plain scvi-tools model trained on 80% of the cells, saved as a lab would."""
-    adata = su.data.synthetic_pbmc(n_cells=150, n_genes=60, rare_fraction=0.1, seed=2)
-    lab = adata.copy()
-    scvi.model.SCVI.setup_anndata(lab)
-    model = scvi.model.SCVI(lab, n_latent=4, n_hidden=32)
-    model.train(max_epochs=3, train_size=0.8, accelerator="cpu", enable_progress_bar=False)
-    model.save(str(tmp_path / "model"), overwrite=True)
-    adata.write_h5ad(tmp_path / "data.h5ad")
-    return tmp_path, adata, model
-
-
-def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model):
-    tmp_path, adata, model = saved_lab_model
+def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model, tmp_path):
+    lab, adata, model = saved_lab_model
     out = tmp_path / "forgotten"
     code = main(
         [
             "unlearn",
-            str(tmp_path / "model"),
-            str(tmp_path / "data.h5ad"),
+            str(lab / "model"),
+            str(lab / "data.h5ad"),
             "--forget",
             "cell_type=Megakaryocyte",
             "--method",
@@ -58,12 +45,12 @@ def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model):
     assert reloaded.provenance["events"][-1]["n_forgotten"] == expected.size
 
 
-def test_cli_unlearn_reports_bad_input(saved_lab_model, capsys):
-    tmp_path, _, _ = saved_lab_model
+def test_cli_unlearn_reports_bad_input(saved_lab_model, capsys, tmp_path):
+    lab, _, _ = saved_lab_model
     base = [
         "unlearn",
-        str(tmp_path / "model"),
-        str(tmp_path / "data.h5ad"),
+        str(lab / "model"),
+        str(lab / "data.h5ad"),
         "--out",
         str(tmp_path / "x"),
     ]
@@ -90,3 +77,37 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "audit_baseline_roc.png").exists()
     retrained = su.model.SCVI.load(str(tmp_path / "model_retrain"), result["model"].adata.copy())
     assert retrained.provenance["events"][-1]["method"] == "retrain"
+
+
+def test_cli_audit_is_quiet_unless_verbose(saved_lab_model, tmp_path):
+    """What a user sees in a terminal: run the command in its own process."""
+    lab, _, _ = saved_lab_model
+
+    def run(*extra: str) -> str:
+        args = [
+            sys.executable,
+            "-m",
+            "scvi_unlearn.cli",
+            "audit",
+            str(lab / "model"),
+            str(lab / "data.h5ad"),
+            "--n-shadows",
+            "2",
+            "--shadow-epochs",
+            "1",
+            "--accelerator",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+        ]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    quiet = run("--cache-dir", str(tmp_path / "cache"))
+    assert "AuditReport(" in quiet  # the result is printed
+    for chatter in ("Seed set to", "LeafSpec", "log_every_n_steps", "GPU available"):
+        assert chatter not in quiet, chatter
+    loud = run("--cache-dir", str(tmp_path / "cache2"), "--verbose")
+    assert "Seed set to" in loud

@@ -38,15 +38,6 @@ def methods_table() -> pd.DataFrame:
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    adata = su.data.synthetic_pbmc(n_cells=150, n_genes=50, seed=0)
-    su.model.SCVI.setup_anndata(adata)
-    model = su.model.SCVI(adata, n_latent=4, n_hidden=16)
-    model.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
-    return model
-
-
 def _band_patches(ax):
     return [p for p in ax.patches if "band" in p.get_label()]
 
@@ -216,14 +207,14 @@ def _assert_same(before, after):
     assert before[4:] == after[4:]
 
 
-def test_latent_embedding_umap_side_by_side(tiny_model, tmp_path):
-    adata = tiny_model.adata.copy()  # a fresh object the models were not set up with
+def test_latent_embedding_umap_side_by_side(small_model, tmp_path):
+    adata = small_model.adata.copy()  # a fresh object the models were not set up with
     del adata.uns["_scvi_uuid"], adata.uns["_scvi_manager_uuid"]
     before = _snapshot(adata)
     forget = np.flatnonzero(adata.obs["cell_type"] == "Megakaryocyte")
     path = tmp_path / "umap.png"
     axes = su.pl.latent_embedding(
-        {"before": tiny_model, "after": tiny_model},
+        {"before": small_model, "after": small_model},
         adata,
         highlight=forget,
         highlight_label="forget set",
@@ -243,22 +234,22 @@ def test_latent_embedding_umap_side_by_side(tiny_model, tmp_path):
     _assert_same(before, _snapshot(adata))
 
 
-def test_latent_embedding_does_not_touch_model_adata(tiny_model):
-    adata = tiny_model.adata
+def test_latent_embedding_does_not_touch_model_adata(small_model):
+    adata = small_model.adata
     before = _snapshot(adata)
     axes = su.pl.latent_embedding(
-        {"model": tiny_model}, highlight=adata.obs_names[:3], basis="latent", show=False
+        {"model": small_model}, highlight=adata.obs_names[:3], basis="latent", show=False
     )
     assert len(axes) == 1 and len(axes[0].collections) == 2
     _assert_same(before, _snapshot(adata))
 
 
-def test_latent_embedding_given_axes_numeric_colour(tiny_model):
-    adata = tiny_model.adata.copy()
+def test_latent_embedding_given_axes_numeric_colour(small_model):
+    adata = small_model.adata.copy()
     adata.obs["library"] = np.asarray(adata.X.sum(1)).ravel().astype(float)
     fig, given = plt.subplots(1, 3)
     axes = su.pl.latent_embedding(
-        {"a": tiny_model, "b": tiny_model, "c": tiny_model},
+        {"a": small_model, "b": small_model, "c": small_model},
         adata,
         color="library",
         basis="latent",
@@ -269,16 +260,16 @@ def test_latent_embedding_given_axes_numeric_colour(tiny_model):
     assert len(fig.axes) == 4  # three panels and one colour bar
 
 
-def test_latent_embedding_errors(tiny_model):
+def test_latent_embedding_errors(small_model):
     with pytest.raises(TypeError, match="dict"):
-        su.pl.latent_embedding([tiny_model], show=False)
+        su.pl.latent_embedding([small_model], show=False)
     with pytest.raises(ValueError, match="basis"):
-        su.pl.latent_embedding({"m": tiny_model}, basis="tsne", show=False)
+        su.pl.latent_embedding({"m": small_model}, basis="tsne", show=False)
     with pytest.raises(KeyError, match="no_such_column"):
-        su.pl.latent_embedding({"m": tiny_model}, color="no_such_column", show=False)
+        su.pl.latent_embedding({"m": small_model}, color="no_such_column", show=False)
     _, given = plt.subplots(1, 2)
     with pytest.raises(ValueError, match="one per model"):
-        su.pl.latent_embedding({"m": tiny_model}, axes=given, basis="latent", show=False)
+        su.pl.latent_embedding({"m": small_model}, axes=given, basis="latent", show=False)
 
 
 # --- roc_curves ----------------------------------------------------------------------------

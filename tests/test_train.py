@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import scvi
 import torch
 
 import scvi_unlearn as su
@@ -24,17 +23,6 @@ from scvi_unlearn.train import (
 from scvi_unlearn.train._adversarial import _restore, _snapshot, extragradient_step
 from scvi_unlearn.train._common import eval_mode, iter_chunks, make_data_splitter, run_plan
 from scvi_unlearn.train._critics import critic_losses, indistinguishability_loss
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    """A small scVI model (cheap; not over-fitted) on synthetic PBMC data."""
-    adata = su.data.synthetic_pbmc(n_cells=200, n_genes=60, seed=3)
-    su.model.SCVI.setup_anndata(adata)
-    scvi.settings.seed = 0
-    model = su.model.SCVI(adata, n_hidden=32, n_latent=4)
-    model.train(max_epochs=20, accelerator="cpu", train_size=1.0, enable_progress_bar=False)
-    return model
 
 
 # -- Fisher math -------------------------------------------------------------------------------
@@ -82,7 +70,7 @@ def test_diagonal_fisher_matches_per_cell_autograd(small_model):
 
 
 def test_fisher_plan_noise_follows_inverse_fisher(small_model):
-    model = su.train.clone_model(small_model)
+    model = su.model.clone_model(small_model)
     before = {k: v.clone() for k, v in model.module.named_parameters()}
     cells = np.arange(64)
     plan = FisherScrubbingPlan(
@@ -213,7 +201,7 @@ def test_selector_keeps_best_admissible_state_and_stops():
 
 
 def test_extragradient_plan_runs_under_lightning(small_model):
-    model = su.train.clone_model(small_model)
+    model = su.model.clone_model(small_model)
     cells = np.arange(model.adata.n_obs)
     forget, nonmember, retain = cells[:12], cells[12:24], cells[24:]
     plan = ExtraGradientUnlearningPlan(

@@ -1,4 +1,4 @@
-"""Membership-inference attacks on per-cell features (METHODS section 5).
+"""Membership-inference attacks on per-cell features (:ref:`methods-attacks`).
 
 All attacks return a score per audited cell, higher = more member-like, and never fit on the
 labels they are scored against:

@@ -52,8 +52,9 @@ def bootstrap_metrics(
     seed: int = 0,
     fprs: tuple[float, ...] = (0.01, 0.001),
 ) -> dict[str, np.ndarray]:
-    """Bootstrap replicates of AUC and TPR at given FPRs (members and non-members resampled
-    separately, so every replicate keeps both classes).
+    """Bootstrap replicates of AUC and TPR at given FPRs.
+
+    Members and non-members are resampled separately, so every replicate keeps both classes.
 
     Returns
     -------

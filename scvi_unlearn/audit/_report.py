@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
     bootstrap_metrics,
     percentile_ci,
     tpr_at_fpr,
 )
+from scvi_unlearn.pl import roc_curves
 
 LEAK = "leak"
 NO_EVIDENCE = "no evidence of leak"
@@ -226,9 +228,7 @@ class AuditReport:
             "verdict": self.verdict,
             "explanation": self.explain(),
             "strongest_attack": self.strongest.attack,
-            "attacks": {
-                name: {k: _py(v) for k, v in row.items()} for name, row in frame.iterrows()
-            },
+            "attacks": {name: to_jsonable(row.to_dict()) for name, row in frame.iterrows()},
             "n_members": self.metadata.get("n_members"),
             "n_nonmembers": self.metadata.get("n_nonmembers"),
         }
@@ -244,7 +244,7 @@ class AuditReport:
 
     def to_json(self, path: str | None = None) -> str:
         """Serialise to JSON (and write it to ``path`` if given)."""
-        text = json.dumps(self.to_dict(), indent=2, default=_py)
+        text = json.dumps(to_jsonable(self.to_dict()), indent=2)
         if path is not None:
             with open(path, "w") as handle:
                 handle.write(text)
@@ -260,6 +260,11 @@ class AuditReport:
         data = json.loads(text)
         results = {}
         for name, r in data["results"].items():
+            # JSON null stands for NaN in numbers (see to_jsonable).
+            r = {
+                key: _nan_for_null(value) if key != "reference_interval" or value else value
+                for key, value in r.items()
+            }
             for key in (
                 "auc_ci",
                 "advantage_ci",
@@ -274,8 +279,6 @@ class AuditReport:
 
     def plot_roc(self, ax=None, show: bool | None = None, save: str | None = None, **kwargs):
         """ROC curves of every attack (see :func:`scvi_unlearn.pl.roc_curves`)."""
-        from scvi_unlearn.pl import roc_curves
-
         return roc_curves(self, ax=ax, show=show, save=save, **kwargs)
 
     def __repr__(self) -> str:
@@ -291,11 +294,10 @@ class AuditReport:
         return head + "\n" + self.to_frame()[columns].round(3).to_string()
 
 
-def _py(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, float) and np.isnan(value):
-        return None
+def _nan_for_null(value):
+    """Undo ``to_jsonable``'s NaN -> None in a number or a list of numbers."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [float("nan") if v is None else v for v in value]
     return value

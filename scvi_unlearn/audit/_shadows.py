@@ -14,13 +14,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
 from scvi.utils import track
 
-from scvi_unlearn._recipe import Recipe
-from scvi_unlearn.audit._features import SCALAR_FEATURES, attack_features
+from scvi_unlearn.audit._features import attack_features
+from scvi_unlearn.module import SCALAR_FEATURES
+
+if TYPE_CHECKING:
+    from scvi_unlearn._recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +116,17 @@ class ShadowPool:
 
 @contextlib.contextmanager
 def _quiet_lightning():
-    """Silence Lightning's per-fit banners while many shadow models train."""
+    """Silence Lightning's per-fit banners while many shadow models train.
+
+    Raise the ``scvi_unlearn`` logger to DEBUG (the CLI's ``--verbose`` does) to see them.
+    """
+    if logging.getLogger("scvi_unlearn").isEnabledFor(logging.DEBUG):
+        yield
+        return
     names = (
         "lightning.pytorch.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.seed",
         "scvi.model.base._base_model",
     )
     loggers = [logging.getLogger(n) for n in names]

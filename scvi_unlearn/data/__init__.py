@@ -3,6 +3,7 @@
 from scvi_unlearn.data._forget import (
     donor_forget_set,
     parse_forget_spec,
+    read_cell_list,
     scattered_forget_set,
     structured_forget_set,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "membership_split",
     "parse_forget_spec",
     "pbmc3k",
+    "read_cell_list",
     "scattered_forget_set",
     "structured_forget_set",
     "synthetic_pbmc",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scvi_unlearn._utils import parse_key_value
 from scvi_unlearn._validation import IndexLike, as_cell_indices
 
 if TYPE_CHECKING:
@@ -212,21 +213,62 @@ def donor_forget_set(
     return structured_forget_set(adata, donor_key, donor, within=within)
 
 
-def _read_cell_file(adata: AnnData, path: Path) -> np.ndarray:
+def read_cell_list(adata: AnnData, path: str | Path, name: str | None = None) -> np.ndarray:
+    r"""Cells listed in a text file, one per line: obs names or integer positions.
+
+    Blank lines and lines starting with ``#`` are ignored. When every entry is an obs name of
+    ``adata`` the entries are names (even if they look like numbers, as 10x barcodes never
+    do but some exported indices do); otherwise, if every entry is a non-negative integer, they
+    are positions.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the cells belong to.
+    path
+        The text file.
+    name
+        What the cells are called in error messages (default: the file name).
+
+    Returns
+    -------
+    Sorted, unique ``np.int64`` positions.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If it lists no cells, or duplicates.
+    KeyError
+        If entries are neither obs names nor positions.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np, tempfile, os
+    >>> a = anndata.AnnData(np.ones((3, 2), dtype=np.float32))
+    >>> a.obs_names = ["AAC", "AAG", "ACT"]
+    >>> f = os.path.join(tempfile.mkdtemp(), "cells.txt")
+    >>> _ = open(f, "w").write("# forget these\nACT\n\nAAC\n")
+    >>> read_cell_list(a, f).tolist()
+    [0, 2]
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Cell-list file not found: {str(path)!r}.")
+    label = name or f"cells in {path.name}"
     lines = [ln.strip() for ln in path.read_text().splitlines()]
     entries = [ln for ln in lines if ln and not ln.startswith("#")]
     if not entries:
-        raise ValueError(f"The forget-set file {str(path)!r} lists no cells.")
+        raise ValueError(f"The cell-list file {str(path)!r} lists no cells.")
     names = pd.Index(entries)
     if names.isin(adata.obs_names).all():
-        return as_cell_indices(adata, np.asarray(entries), name=f"cells in {path.name}")
+        return as_cell_indices(adata, np.asarray(entries), name=label)
     if all(re.fullmatch(r"\d+", e) for e in entries):
-        return as_cell_indices(
-            adata, np.asarray(entries, dtype=np.int64), name=f"positions in {path.name}"
-        )
+        return as_cell_indices(adata, np.asarray(entries, dtype=np.int64), name=label)
     missing = names[~names.isin(adata.obs_names)]
     raise KeyError(
-        f"The forget-set file {str(path)!r} must hold obs names or integer positions, one per "
+        f"The cell-list file {str(path)!r} must hold obs names or integer positions, one per "
         f"line; {len(missing)} of its {len(names)} entries are neither, e.g. "
         f"{missing[:5].tolist()}."
     )
@@ -307,7 +349,7 @@ def parse_forget_spec(
 
     path = Path(text).expanduser()
     if path.is_file():
-        idx = _read_cell_file(adata, path)
+        idx = read_cell_list(adata, path)
         if within is not None:
             pool = _within(adata, within)
             outside = np.setdiff1d(idx, pool)
@@ -319,10 +361,9 @@ def parse_forget_spec(
         return idx
 
     if "=" in text:
-        key, value = (part.strip() for part in text.split("=", 1))
+        key = text.split("=", 1)[0].strip()
         if key in adata.obs.columns:
-            if not value:
-                raise ValueError(f"Cannot parse {text!r}: the value after '=' is empty.")
+            key, value = parse_key_value(text, "'key=value'")
             return structured_forget_set(adata, key, value, within=within)
         if "/" not in key and "\\" not in key:
             _check_key(adata, key)

@@ -13,8 +13,8 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata
 import numpy as np
@@ -23,6 +23,9 @@ from anndata import AnnData
 from scipy import sparse
 
 from scvi_unlearn._validation import check_count_data
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: 10x Genomics "3k PBMCs from a healthy donor" (Cell Ranger 1.1.0), filtered matrices.
 PBMC3K_COUNTS_URL = (

@@ -1,6 +1,7 @@
 """User-facing models: scVI that can forget cells."""
 
+from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._scvi import SCVI
 
-__all__ = ["SCVI", "UnlearningMixin"]
+__all__ = ["SCVI", "UnlearningMixin", "clone_model"]

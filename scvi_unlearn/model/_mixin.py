@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Any
 
-from scvi_unlearn._validation import IndexLike
+import numpy as np
+
+from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
+from scvi_unlearn.model._clone import clone_model
+from scvi_unlearn.model._unlearn import (
+    audit_result,
+    check_forget,
+    check_int,
+    event_record,
+    final_kl_weight,
+    finish,
+    method_spec,
+    positions,
+    record,
+    resolve_epochs,
+    resolve_nonmembers,
+    training_cells,
+)
+from scvi_unlearn.train import UnlearningRun, check_hyperparameters, seed_everything
 
 
 class UnlearningMixin:
-    """Adds :meth:`unlearn` to an scvi-tools model (see :func:`scvi_unlearn.train.unlearn`)."""
+    """Adds :meth:`unlearn` to an scvi-tools model class (see :class:`scvi_unlearn.model.SCVI`)."""
 
     def unlearn(
         self,
@@ -21,6 +41,9 @@ class UnlearningMixin:
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         max_epochs: int | None = None,
+        population_key: str | None = None,
+        enable_progress_bar: bool = True,
+        audit_kwargs: dict[str, Any] | None = None,
         **method_kwargs: Any,
     ):
         """Forget cells the model was trained on; return the model that forgot them.
@@ -31,30 +54,53 @@ class UnlearningMixin:
             Cells to forget: integer positions, a boolean mask or obs names of ``self.adata``;
             all must be training cells of the model.
         method
-            ``"extragradient"`` (default), ``"frozen_critic"``, ``"fisher"``, ``"ssd"``,
-            ``"finetune"``, ``"gradient_ascent"``, ``"scrub"`` or ``"retrain"`` (exact).
+            One of :data:`scvi_unlearn.train.METHODS`: ``"extragradient"`` (default),
+            ``"frozen_critic"``, ``"fisher"``, ``"ssd"``, ``"finetune"``,
+            ``"gradient_ascent"``, ``"scrub"`` or ``"retrain"`` (exact).
         nonmembers
-            Same-population cells the model never trained on (for the adversarial methods and
-            the audit); found automatically from ``population_key`` (default ``"cell_type"``)
-            when ``None``.
+            Cells of the same population the model never trained on (positions, mask or obs
+            names of ``self.adata``), for the adversarial methods and ``audit=True``. If
+            ``None``, the untrained cells of ``self.adata`` whose ``population_key`` value is
+            the forget cells' majority value are used.
         inplace
             Modify this model instead of returning a new one.
         seed
-            Seed of the run; the same seed gives the same weights.
+            Seed of everything random in the run; the same seed gives the same weights.
         audit
-            Run a membership-inference audit afterwards; its summary goes into the provenance.
+            Run a :class:`~scvi_unlearn.MembershipInference` audit of the result (forget cells
+            vs non-members) and store its summary in the provenance.
         accelerator, devices
             Lightning's accelerator and devices.
         max_epochs
-            Training epochs (method default if ``None``).
+            Training epochs (method default if ``None``; for ``"fisher"`` / ``"ssd"`` the
+            fine-tune epochs, for ``"retrain"`` the recipe's epochs).
+        population_key
+            Obs column defining the forget cells' population for automatic non-members
+            (default: ``"cell_type"`` if present).
+        enable_progress_bar
+            Show Lightning's progress bar.
+        audit_kwargs
+            Arguments of :class:`~scvi_unlearn.MembershipInference` (its defaults otherwise,
+            including its shadow cache) and of its ``audit`` (``reference_models``,
+            ``n_bootstrap``), plus ``nonmembers``: the audit's own non-members. Pass cells the
+            method did not see: by default the audit reuses the method's non-members, on which
+            an adversarial method selected its state, so its verdict would be optimistic.
         **method_kwargs
-            The method's hyper-parameters (e.g. ``lambda_=10.0, n_critics=3``), and
-            ``population_key``, ``enable_progress_bar``, ``audit_kwargs``.
+            Hyper-parameters of the method (see ``METHODS[method].params``), e.g. ``lambda_``,
+            ``n_critics``, ``critic_lr`` for extragradient, ``alpha`` for Fisher.
 
         Returns
         -------
-        :class:`scvi_unlearn.model.SCVI` with ``unlearning_provenance_`` set; ``self`` is
-        unchanged unless ``inplace=True``.
+        A model of this class whose ``train_indices`` exclude the forgotten cells and whose
+        ``unlearning_provenance_`` records the run (events of chained runs accumulate);
+        ``self`` is unchanged unless ``inplace=True``.
+
+        Raises
+        ------
+        RuntimeError
+            If the model is untrained.
+        ValueError, TypeError, IndexError, KeyError
+            For invalid cells, methods or hyper-parameters, with a message naming the problem.
 
         Examples
         --------
@@ -70,18 +116,71 @@ class UnlearningMixin:
         >>> len(model.train_indices)  # the original is untouched
         100
         """
-        from scvi_unlearn.train import unlearn
+        check_trained(self)
+        if self.adata is None:
+            raise ValueError(
+                "The model has no AnnData; load it with `SCVI.load(dir_path, adata)` so the "
+                "cells to forget can be found."
+            )
+        spec = method_spec(method)
+        hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
+        seed = check_int("seed", seed, low=0)
+        max_epochs = None if max_epochs is None else check_int("max_epochs", max_epochs, low=0)
+        for name, flag in (("inplace", inplace), ("audit", audit)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
 
-        return unlearn(
-            self,
-            forget_idx,
-            method=method,
-            nonmembers=nonmembers,
-            inplace=inplace,
+        train = training_cells(self)
+        forget = check_forget(self, forget_idx, train)
+        nonmember_idx, nonmember_info = None, {"source": None}
+        if spec.needs_nonmembers or audit or nonmembers is not None:
+            nonmember_idx, nonmember_info = resolve_nonmembers(
+                self, nonmembers, forget, train, population_key, method
+            )
+
+        started_at = datetime.now(timezone.utc).isoformat()
+        start = time.perf_counter()
+        target = self if inplace else clone_model(self)
+        run = UnlearningRun(
+            model=target,
+            forget=forget,
+            retain=np.setdiff1d(train, forget).astype(np.int64),
+            nonmembers=nonmember_idx,
+            validation=positions(self.validation_indices),
+            hyperparameters=hyperparameters,
             seed=seed,
-            audit=audit,
+            max_epochs=resolve_epochs(self, spec, method, max_epochs, hyperparameters),
             accelerator=accelerator,
             devices=devices,
-            max_epochs=max_epochs,
-            **method_kwargs,
+            enable_progress_bar=enable_progress_bar,
+            kl_weight=final_kl_weight(self),
         )
+        seed_everything(seed)
+        metrics = spec.run(run)
+        wall_time = time.perf_counter() - start
+        finish(target, run, self)
+        event = event_record(run, method, train, nonmember_info, started_at, wall_time, metrics)
+        record(target, self, event)
+        if audit:
+            # After record(), so the audit knows which members were forgotten on purpose.
+            audit_kwargs = dict(audit_kwargs or {})
+            # Reporting non-members kept apart from those the method selected on
+            # (see :ref:`methods-protocol`).
+            audit_nonmembers = audit_kwargs.pop("nonmembers", None)
+            if audit_nonmembers is not None:
+                audit_nonmembers = as_cell_indices(
+                    self.adata, audit_nonmembers, "audit nonmembers"
+                )
+            summary = audit_result(
+                target,
+                self,
+                forget,
+                nonmember_idx if audit_nonmembers is None else audit_nonmembers,
+                seed,
+                accelerator,
+                devices,
+                enable_progress_bar,
+                audit_kwargs,
+            )
+            target.unlearning_provenance_["events"][-1]["audit"] = summary
+        return target

@@ -9,22 +9,23 @@ which runs whatever a (possibly tampered) pickle asks for. We load with
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import pickle
 import types
-from unittest import mock
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+from pandas._libs.internals import _unpickle_block
+from pandas.core.indexes.base import _new_Index
+from pandas.core.internals.managers import BlockManager
+from torch import _weights_only_unpickler
+
+if TYPE_CHECKING:
+    import os
 
 
 def _allowed_globals() -> list:
-    from pandas._libs.internals import _unpickle_block
-    from pandas.core.indexes.base import _new_Index
-    from pandas.core.internals.managers import BlockManager
-
     numpy_core = getattr(np, "_core", None) or np.core
     allowed = [
         numpy_core.multiarray._reconstruct,
@@ -56,8 +57,6 @@ def _allowed_globals() -> list:
 
 
 def _allowed_by_name() -> dict[str, object]:
-    from torch import _weights_only_unpickler
-
     allowed = dict(_weights_only_unpickler._get_allowed_globals())
     for obj in _allowed_globals():
         allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
@@ -98,7 +97,7 @@ _restricted_pickle = types.SimpleNamespace(
 )
 
 
-def safe_torch_load(path: str | os.PathLike, map_location=None, _torch_load=None):
+def safe_torch_load(path: str | os.PathLike, map_location=None):
     """Load a ``torch.save`` file without executing arbitrary pickled code.
 
     Tries ``torch.load(weights_only=True)`` with scvi-tools' data containers allowed; files
@@ -110,14 +109,13 @@ def safe_torch_load(path: str | os.PathLike, map_location=None, _torch_load=None
     RuntimeError
         If the file holds any other pickled object; the message names it.
     """
-    load = _torch_load or torch.load
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         pass
     try:
-        return load(
+        return torch.load(
             path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle
         )
     except pickle.UnpicklingError as exc:
@@ -128,13 +126,15 @@ def safe_torch_load(path: str | os.PathLike, map_location=None, _torch_load=None
         ) from exc
 
 
-@contextlib.contextmanager
-def weights_only_loading():
-    """Within the block, ``torch.load`` (as called by scvi-tools' ``load``) is the safe loader."""
-    original = torch.load
+def check_safe_model_file(path: str | os.PathLike) -> None:
+    """Raise unless ``path`` unpickles with only allow-listed data containers.
 
-    def _load(f, map_location=None, *args, **kwargs):
-        return safe_torch_load(f, map_location=map_location, _torch_load=original)
+    Unpickling resolves the same globals whichever unpickler reads a file, so once this check
+    passes, scvi-tools' own ``torch.load`` of the *same* file can only rebuild plain data.
 
-    with mock.patch("torch.load", _load):
-        yield
+    Raises
+    ------
+    RuntimeError
+        If the file holds any other pickled object; the message names it.
+    """
+    safe_torch_load(path, map_location="cpu")

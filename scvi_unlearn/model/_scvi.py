@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
+import anndata
 import numpy as np
 import scvi
+from anndata import AnnData
+from scvi.train._trainingplans import _compute_kl_weight
 
-from scvi_unlearn._recipe import _jsonable
+from scvi_unlearn._recipe import register_model_class
+from scvi_unlearn._utils import to_jsonable
+from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._mixin import UnlearningMixin
-from scvi_unlearn.model._safe_load import weights_only_loading
+from scvi_unlearn.model._safe_load import check_safe_model_file
 
 PROVENANCE_FILE = "unlearning_provenance.json"
 
 
+@register_model_class
 class SCVI(UnlearningMixin, scvi.model.SCVI):
     """:class:`scvi.model.SCVI` that remembers how it was trained and can forget cells.
 
@@ -39,37 +47,61 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         kwargs = _without_cell_choice(kwargs, len(self.train_indices), self.validation_indices)
         for key, value in kwargs.items():
             try:
-                json.dumps(_jsonable(value))
+                json.dumps(to_jsonable(value))
             except TypeError:
                 continue  # callbacks, loggers and other live objects are not part of a recipe
-            recorded[key] = _jsonable(value)
+            recorded[key] = to_jsonable(value)
         self.train_kwargs_ = recorded
+        plan = self.trainer.lightning_module
+        # The weight of the last step: Lightning has advanced past the last epoch and step.
+        self.final_kl_weight_ = float(
+            _compute_kl_weight(
+                plan.current_epoch - 1,
+                plan.global_step - 1,
+                plan.n_epochs_kl_warmup,
+                plan.n_steps_kl_warmup,
+                plan.max_kl_weight,
+                plan.min_kl_weight,
+            )
+        )
         # Names survive re-ordering or subsetting of the AnnData later (positions do not).
         self.train_obs_names_ = self.adata.obs_names[np.asarray(self.train_indices)].tolist()
         return result
 
     @classmethod
-    def load(cls, dir_path: str, adata=None, **kwargs):
+    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs):
         """Load a model saved by this class or by plain ``scvi.model.SCVI``.
 
-        Model files are read with ``torch.load(weights_only=True)`` semantics (only plain data
-        containers are unpickled). The unlearning provenance, if present, is restored.
+        ``model.pt`` is copied into a private temporary folder and checked there first: it
+        must unpickle with ``torch.load(weights_only=True)`` or with a restricted unpickler
+        that resolves only the plain data containers scvi-tools writes. Only then does
+        scvi-tools' own loader read that same private copy, so no pickled code can run and no
+        global function is patched. The unlearning provenance, if present, is restored.
 
         Raises
         ------
         FileNotFoundError
             If ``dir_path`` does not exist or holds no ``model.pt``.
+        RuntimeError
+            If ``model.pt`` holds anything but plain data (the message names it).
         """
         prefix = kwargs.get("prefix") or ""
         if not os.path.isdir(dir_path):
             raise FileNotFoundError(f"Model directory not found: {dir_path!r}.")
-        if not os.path.exists(os.path.join(dir_path, f"{prefix}model.pt")):
+        model_file = os.path.join(dir_path, f"{prefix}model.pt")
+        if not os.path.exists(model_file):
             raise FileNotFoundError(
                 f"{dir_path!r} holds no '{prefix}model.pt'; is it a directory written by "
                 "`model.save(...)`?"
             )
-        with weights_only_loading():
-            model = super().load(dir_path, adata=adata, **kwargs)
+        saved_adata = os.path.join(dir_path, f"{prefix}adata.h5ad")
+        if adata is None and os.path.exists(saved_adata):
+            adata = anndata.read_h5ad(saved_adata)  # h5ad holds arrays, never pickles
+        with tempfile.TemporaryDirectory(prefix="scvi_unlearn_load_") as private:
+            # Check and load the same private copy: the file cannot change in between.
+            copied = shutil.copy(model_file, os.path.join(private, f"{prefix}model.pt"))
+            check_safe_model_file(copied)
+            model = super().load(private, adata=adata, **kwargs)
         provenance_path = os.path.join(dir_path, PROVENANCE_FILE)
         if os.path.exists(provenance_path):
             with open(provenance_path) as handle:
@@ -82,34 +114,18 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         provenance = getattr(self, "unlearning_provenance_", None)
         if provenance:
             with open(os.path.join(dir_path, PROVENANCE_FILE), "w") as handle:
-                json.dump(_jsonable(provenance), handle, indent=2)
+                json.dump(to_jsonable(provenance), handle, indent=2)
 
     @classmethod
     def from_scvi(cls, model: scvi.model.SCVI) -> SCVI:
         """Wrap an in-memory ``scvi.model.SCVI`` (shares its AnnData, copies its weights).
 
         The wrapped model is independent of the original: training or unlearning it never
-        changes the original's parameters.
+        changes the original's parameters. See :func:`clone_model`.
         """
         if isinstance(model, cls):
             return model
-        import copy
-        from uuid import uuid4
-
-        new = cls.__new__(cls)
-        # Share the AnnData and its managers; copy everything the new model may change.
-        shared = {"adata", "adata_manager", "_adata", "_adata_manager", "module"}
-        new.__dict__.update(
-            {k: (v if k in shared else copy.deepcopy(v)) for k, v in model.__dict__.items()}
-        )
-        new.module = copy.deepcopy(model.module)
-        new.id = str(uuid4())
-        # scvi-tools keeps AnnData managers in per-class stores: register the original's
-        # managers with this class so the wrapped model finds its data.
-        for adata_id, manager in type(model)._per_instance_manager_store.get(model.id, {}).items():
-            cls._setup_adata_manager_store.setdefault(adata_id, manager)
-            new._register_manager_for_instance(manager)
-        return new
+        return clone_model(model, cls)
 
     @property
     def provenance(self) -> dict[str, Any] | None:

@@ -1,5 +1,7 @@
-"""Plots in scanpy style: every function takes ``ax=`` (or ``axes=``), ``show=`` and ``save=``
-and returns the matplotlib axes.
+"""Plots in scanpy style.
+
+Every function takes ``ax=`` (or ``axes=``), ``show=`` and ``save=`` and returns the
+matplotlib axes.
 
 - :func:`roc_curves`: ROC curves of every attack of an audit (log-log: the low-FPR regime).
 - :func:`method_comparison`: a privacy metric per unlearning method with CIs, against the

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
 
 #: Colours of succeeded / failed runs (``success`` column) and of the reference band.
 SUCCESS_COLOR = "#2a9d8f"

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anndata
 import numpy as np
 import pandas as pd
 
+from scvi_unlearn._model_data import registered_adata
+from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.pl._utils import finish, resolve_show
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _BASES = ("umap", "latent")
 
@@ -173,10 +179,6 @@ def _reference_obs(models, adata) -> tuple[pd.DataFrame, pd.Index]:
 def _highlight_positions(obs_names: pd.Index, highlight) -> np.ndarray:
     if highlight is None:
         return np.array([], dtype=np.int64)
-    import anndata
-
-    from scvi_unlearn._validation import as_cell_indices
-
     stub = anndata.AnnData(obs=pd.DataFrame(index=obs_names))
     return as_cell_indices(stub, highlight, "highlight", allow_empty=True)
 
@@ -186,25 +188,7 @@ def _latent(model, adata) -> np.ndarray:
     own = getattr(model, "adata", None)
     if adata is None or adata is own:
         return np.asarray(model.get_latent_representation())
-    import logging
-
-    import anndata
-
-    # scvi-tools registers (writes obs columns and uns keys into) an AnnData it has not seen:
-    # give it a shallow stand-in that shares the count matrices but not obs / uns.
-    stand_in = anndata.AnnData(
-        X=adata.X,
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-        layers={k: adata.layers[k] for k in adata.layers},
-    )
-    scvi_logger = logging.getLogger("scvi")
-    level = scvi_logger.level
-    scvi_logger.setLevel(logging.WARNING)  # "attempting to transfer AnnData setup" is expected
-    try:
-        return np.asarray(model.get_latent_representation(stand_in))
-    finally:
-        scvi_logger.setLevel(level)
+    return np.asarray(model.get_latent_representation(registered_adata(model, adata)))
 
 
 def _embed(latent: np.ndarray, basis: str, n_neighbors: int, seed: int) -> np.ndarray:
@@ -213,8 +197,7 @@ def _embed(latent: np.ndarray, basis: str, n_neighbors: int, seed: int) -> np.nd
         if latent.shape[1] < 2:
             return np.c_[latent[:, 0], np.zeros(len(latent))]
         return latent[:, :2]
-    import anndata
-    import scanpy as sc
+    import scanpy as sc  # heavy: only for UMAP
 
     emb = anndata.AnnData(X=latent)
     k = int(min(max(n_neighbors, 2), max(len(latent) - 1, 2)))

@@ -23,7 +23,7 @@ def finish(ax, show: bool = False, save: str | Path | None = None):
 
 
 def resolve_show(show: bool | None, owns_figure: bool, save) -> bool:
-    """scanpy's default: show a figure the function created itself, unless it is saved."""
+    """Scanpy's default: show a figure the function created itself, unless it is saved."""
     if show is not None:
         return bool(show)
     return owns_figure and not save

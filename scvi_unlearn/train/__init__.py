@@ -1,8 +1,18 @@
-"""Unlearning: TrainingPlans run by scvi-tools' TrainRunner, and the ``unlearn`` entry point."""
+"""Unlearning training plans, run by scvi-tools' TrainRunner, and the method registry.
+
+The user-facing entry point is :meth:`scvi_unlearn.model.SCVI.unlearn`; this package holds
+what it runs: one :class:`~scvi.train.TrainingPlan` per method and :data:`METHODS`, which maps
+a method name to its hyper-parameters and runner.
+"""
 
 from scvi_unlearn.train._adversarial import ExtraGradientUnlearningPlan, FrozenCriticPlan
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
-from scvi_unlearn.train._common import UnlearningTrainingPlan, gather_tensors, loss_auc
+from scvi_unlearn.train._common import (
+    UnlearningTrainingPlan,
+    gather_tensors,
+    loss_auc,
+    seed_everything,
+)
 from scvi_unlearn.train._critics import CriticEnsemble
 from scvi_unlearn.train._fisher import (
     FisherScrubbingPlan,
@@ -10,11 +20,12 @@ from scvi_unlearn.train._fisher import (
     fisher_noise_std,
     ssd_dampening_factor,
 )
-from scvi_unlearn.train._methods import METHODS
+from scvi_unlearn.train._methods import METHODS, MethodSpec, UnlearningRun
+from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
 from scvi_unlearn.train._selection import BestStateSelector
-from scvi_unlearn.train._unlearn import clone_model, unlearn
 
 __all__ = [
+    "FROM_PLAN",
     "METHODS",
     "BestStateSelector",
     "CriticEnsemble",
@@ -22,14 +33,18 @@ __all__ = [
     "FisherScrubbingPlan",
     "FrozenCriticPlan",
     "GradientAscentPlan",
+    "MethodSpec",
+    "Param",
     "RetainFinetunePlan",
     "SCRUBPlan",
+    "UnlearningRun",
     "UnlearningTrainingPlan",
-    "clone_model",
+    "check_hyperparameters",
     "diagonal_fisher",
     "fisher_noise_std",
     "gather_tensors",
     "loss_auc",
+    "plan_defaults",
+    "seed_everything",
     "ssd_dampening_factor",
-    "unlearn",
 ]

@@ -1,7 +1,7 @@
-"""Adversarial unlearning: the VAE against membership critics (METHODS section 6).
+"""Adversarial unlearning: the VAE against membership critics (:ref:`methods-extragradient`).
 
 Both plans share the game. ``K`` critics see standardised per-cell attack features
-(:func:`~scvi_unlearn.audit.feature_matrix`: losses, per-count losses, posterior statistics)
+(:func:`~scvi_unlearn.module.feature_matrix`: losses, per-count losses, posterior statistics)
 and classify forget cells (label 1) against non-members of the same population (label 0),
 minimising the class-balanced binary cross-entropy ``BCE_phi``. The VAE minimises
 
@@ -12,9 +12,9 @@ i.e. it makes every critic maximally unsure (probability 1/2) about the forget c
 the non-saturating form of the game (see :func:`~scvi_unlearn.train._critics.
 indistinguishability_loss`): its gradient does not vanish against confident critics, as the
 minimax term ``log 2 - BCE`` does, and it does not reward overshooting (forget cells fitting
-*worse* than non-members, which an attacker also detects: the "Streisand" artefact of METHODS
-section 2), as "label the forget cells non-members" does. With Bayes-optimal critics its
-zero set is exactly "forget and non-member features are identically distributed". The
+*worse* than non-members, which an attacker also detects: the "Streisand" artefact, see
+:ref:`methods-metrics`), as "label the forget cells non-members" does. With Bayes-optimal
+critics its zero set is exactly "forget and non-member features are identically distributed". The
 critics' ``log 2 - BCE`` (a Jensen-Shannon lower bound) is logged as ``privacy_js``.
 
 Two details keep the game honest: the VAE's privacy gradient flows through the forget cells'
@@ -26,12 +26,11 @@ in eval mode (batch-norm statistics are not updated from them).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scvi_unlearn.audit._features import feature_matrix, per_cell_loss_terms
+from scvi_unlearn.module import SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
 from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
@@ -48,6 +47,9 @@ from scvi_unlearn.train._critics import (
     js_divergence_estimate,
 )
 from scvi_unlearn.train._selection import BestStateSelector
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
@@ -103,8 +105,6 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
             "nonmember_val": nonmember_val_tensors,
         }
         super().__init__(module, held=held, **kwargs)
-        from scvi_unlearn.audit._features import SCALAR_FEATURES
-
         n_features = len(SCALAR_FEATURES)
         self.lambda_ = float(lambda_)
         self.critics = CriticEnsemble(n_features, n_critics, critic_hidden, seed=self.seed)

@@ -11,7 +11,6 @@ when the fit starts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,9 +19,12 @@ from scvi import settings
 from scvi.dataloaders import DataSplitter
 from scvi.train import TrainingPlan, TrainRunner
 
-from scvi_unlearn.audit._features import per_cell_loss_terms
+from scvi_unlearn.audit._metrics import auc_from_scores
+from scvi_unlearn.module import per_cell_loss_terms
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from anndata import AnnData
     from scvi.model import SCVI
 
@@ -114,8 +116,6 @@ def loss_scores(module: torch.nn.Module, tensors: Tensors, chunk_size: int = 102
 
 def loss_auc(module: torch.nn.Module, members: Tensors, nonmembers: Tensors) -> float:
     """ROC AUC of the loss-threshold attack, ``members`` (label 1) against ``nonmembers``."""
-    from scvi_unlearn.audit._metrics import auc_from_scores
-
     return float(auc_from_scores(loss_scores(module, members), loss_scores(module, nonmembers)))
 
 
@@ -190,7 +190,7 @@ class UnlearningTrainingPlan(TrainingPlan):
         return take(tensors, idx.to(self.device))
 
     def retain_loss(self, batch: Tensors):
-        """scVI's own loss on a retain minibatch (``LossOutput``), logged like scVI's."""
+        """ScVI's own loss on a retain minibatch (``LossOutput``), logged like scVI's."""
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
         return loss_output

@@ -8,13 +8,12 @@ per-sample gradients (``torch.func.vmap(grad(...))``), not from squared minibatc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-from scvi_unlearn.audit._features import per_cell_loss_terms
+from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
@@ -22,6 +21,9 @@ from scvi_unlearn.train._common import (
     iter_chunks,
     n_cells,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 class _CellLoss(torch.nn.Module):

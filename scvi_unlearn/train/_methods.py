@@ -6,14 +6,15 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scvi import REGISTRY_KEYS
 
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn.data import validation_split
 from scvi_unlearn.train._adversarial import ExtraGradientUnlearningPlan, FrozenCriticPlan
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
@@ -23,7 +24,10 @@ from scvi_unlearn.train._common import (
     run_plan,
 )
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
-from scvi_unlearn.train._params import Param
+from scvi_unlearn.train._params import Param, resolve_plan_defaults
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 @dataclass
@@ -107,7 +111,12 @@ class UnlearningRun:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """An unlearning method: its hyper-parameters, needs and runner."""
+    """An unlearning method: its hyper-parameters, needs and runner.
+
+    ``params`` declared with the default :data:`~scvi_unlearn.train._params.FROM_PLAN` take
+    their default from ``plan``'s signature when the spec is built, so each default is
+    written once: in the plan for plan arguments, here for run-level ones.
+    """
 
     name: str
     params: dict[str, Param]
@@ -115,12 +124,18 @@ class MethodSpec:
     default_max_epochs: int
     run: Callable[[UnlearningRun], dict[str, Any]]
     description: str
+    plan: type | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", resolve_plan_defaults(self.params, self.plan))
 
 
 # -- hyper-parameter declarations ------------------------------------------------------------
+# Plan arguments leave their default to the plan's signature; run-level ones state it here.
 _TRAINING = {
-    "lr": Param(1e-3, "float", low=0, low_open=True, doc="learning rate of the VAE"),
+    "lr": Param(kind="float", low=0, low_open=True, doc="learning rate of the VAE"),
     "batch_size": Param(128, "int", low=1, doc="retain minibatch size"),
+    # Run-level meaning: None = the original training's final KL weight.
     "kl_weight": Param(
         None, "float", low=0, allow_none=True, doc="KL weight (default: the original's final)"
     ),
@@ -128,17 +143,17 @@ _TRAINING = {
 _SELECTION = {
     "val_fraction": Param(0.3, "float", low=0, high=1, low_open=True, high_open=True),
     "retain_val_fraction": Param(0.1, "float", low=0, high=1, high_open=True),
-    "target_auc": Param(0.5, "float", low=0, high=1),
-    "max_utility_loss": Param(0.05, "float", low=0),
-    "patience": Param(None, "int", low=1, allow_none=True),
+    "target_auc": Param(kind="float", low=0, high=1),
+    "max_utility_loss": Param(kind="float", low=0),
+    "patience": Param(kind="int", low=1, allow_none=True),
 }
 _GAME = {
-    "lambda_": Param(10.0, "float", low=0, doc="weight of the privacy term"),
-    "n_critics": Param(3, "int", low=1),
-    "critic_hidden": Param(32, "int", low=1),
-    "critic_pretrain_steps": Param(200, "int", low=0),
-    "critic_pretrain_lr": Param(1e-2, "float", low=0, low_open=True),
-    "adv_batch_size": Param(256, "int", low=1),
+    "lambda_": Param(kind="float", low=0, doc="weight of the privacy term"),
+    "n_critics": Param(kind="int", low=1),
+    "critic_hidden": Param(kind="int", low=1),
+    "critic_pretrain_steps": Param(kind="int", low=0),
+    "critic_pretrain_lr": Param(kind="float", low=0, low_open=True),
+    "adv_batch_size": Param(kind="int", low=1),
 }
 _BUDGET = {
     # The game's cost per retain cell is ~2.7x a plain training step (look-ahead + update,
@@ -154,22 +169,20 @@ _BUDGET = {
     ),
 }
 _FISHER = {
-    "alpha": Param(1e-3, "float", low=0, doc="scale of the Golatkar noise"),
-    "eps": Param(1e-8, "float", low=0, low_open=True),
-    "max_std": Param(1e3, "float", low=0, low_open=True),
+    "alpha": Param(kind="float", low=0, doc="scale of the Golatkar noise"),
+    "eps": Param(kind="float", low=0, low_open=True),
+    "max_std": Param(kind="float", low=0, low_open=True),
     "n_fisher_cells": Param(1024, "int", low=1),
-    "fisher_batch_size": Param(16, "int", low=1),
+    "fisher_batch_size": Param(kind="int", low=1),
     "finetune_epochs": Param(0, "int", low=0),
-    "ssd": Param(False, "bool"),
-    "selection_weight": Param(10.0, "float", low=0, low_open=True),
-    "dampening": Param(1.0, "float", low=0, low_open=True),
+    "ssd": Param(kind="bool"),
+    "selection_weight": Param(kind="float", low=0, low_open=True),
+    "dampening": Param(kind="float", low=0, low_open=True),
 }
 
 
 # -- runners ----------------------------------------------------------------------------------
 def _split_validation(idx: np.ndarray, fraction: float, seed: int, what: str):
-    from scvi_unlearn.data import validation_split
-
     if idx.size < 2:
         raise ValueError(
             f"Early stopping needs at least 2 {what} (one to unlearn with, one to validate on); "
@@ -321,8 +334,6 @@ def _keep_categories(data, model) -> None:
 
 def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
     """Exact unlearning: the original recipe on the retained cells, loaded into the copy."""
-    from scvi_unlearn._recipe import Recipe
-
     model = run.model
     pool = np.union1d(run.retain, run.validation).astype(np.int64)
     train_pos = np.searchsorted(pool, run.retain)
@@ -337,6 +348,7 @@ def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
     recipe.train_kwargs["max_epochs"] = run.max_epochs
     fitted = recipe.fit(
         data,
+        model_cls=type(model),
         seed=run.seed,
         accelerator=run.accelerator,
         devices=run.devices,
@@ -357,26 +369,22 @@ METHODS: dict[str, MethodSpec] = {
             **_SELECTION,
             **_GAME,
             **_BUDGET,
-            "critic_lr": Param(None, "float", low=0, low_open=True, allow_none=True),
+            "critic_lr": Param(kind="float", low=0, low_open=True, allow_none=True),
         },
         needs_nonmembers=True,
         default_max_epochs=20,
         run=_run_extragradient,
         description="extragradient co-training against forget-vs-non-member critics",
+        plan=ExtraGradientUnlearningPlan,
     ),
     "frozen_critic": MethodSpec(
         "frozen_critic",
-        {
-            **_TRAINING,
-            **_SELECTION,
-            **_GAME,
-            **_BUDGET,
-            "critic_pretrain_steps": Param(300, "int", low=0),
-        },
+        {**_TRAINING, **_SELECTION, **_GAME, **_BUDGET},
         needs_nonmembers=True,
         default_max_epochs=20,
         run=_run_frozen,
         description="VAE trained to fool pre-trained, frozen critics (failing baseline)",
+        plan=FrozenCriticPlan,
     ),
     "fisher": MethodSpec(
         "fisher",
@@ -385,50 +393,66 @@ METHODS: dict[str, MethodSpec] = {
         default_max_epochs=0,
         run=_run_fisher,
         description="Golatkar Fisher scrubbing (+ optional SSD and retain fine-tune)",
+        plan=FisherScrubbingPlan,
     ),
     "ssd": MethodSpec(
         "ssd",
         {
             **_TRAINING,
             **{k: v for k, v in _FISHER.items() if k != "ssd"},
+            # Method-level default: SSD dampens and adds no Golatkar noise unless asked.
             "alpha": Param(0.0, "float", low=0),
         },
         needs_nonmembers=False,
         default_max_epochs=0,
         run=lambda run: _run_fisher(_with(run, ssd=True)),
         description="Selective Synaptic Dampening (Foster et al. 2024)",
+        plan=FisherScrubbingPlan,
     ),
     "finetune": MethodSpec(
-        "finetune", dict(_TRAINING), False, 20, _run_finetune, "retain-only fine-tune"
+        "finetune",
+        dict(_TRAINING),
+        needs_nonmembers=False,
+        default_max_epochs=20,
+        run=_run_finetune,
+        description="retain-only fine-tune",
+        plan=RetainFinetunePlan,
     ),
     "gradient_ascent": MethodSpec(
         "gradient_ascent",
         {
             **_TRAINING,
-            "ascent_steps": Param(3, "int", low=0),
-            "ascent_batch_size": Param(256, "int", low=1),
+            "ascent_steps": Param(kind="int", low=0),
+            "ascent_batch_size": Param(kind="int", low=1),
         },
         needs_nonmembers=False,
         default_max_epochs=20,
         run=_run_gradient_ascent,
         description="gradient ascent on the forget cells, then retain fine-tune",
+        plan=GradientAscentPlan,
     ),
     "scrub": MethodSpec(
         "scrub",
         {
             **_TRAINING,
-            "n_max_epochs": Param(5, "int", low=0),
-            "alpha": Param(1.0, "float", low=0),
-            "gamma": Param(1.0, "float", low=0),
-            "forget_batch_size": Param(256, "int", low=1),
+            "n_max_epochs": Param(kind="int", low=0),
+            "alpha": Param(kind="float", low=0),
+            "gamma": Param(kind="float", low=0),
+            "forget_batch_size": Param(kind="int", low=1),
         },
         needs_nonmembers=False,
         default_max_epochs=20,
         run=_run_scrub,
         description="SCRUB teacher-student (Kurmanji et al. 2023)",
+        plan=SCRUBPlan,
     ),
     "retrain": MethodSpec(
-        "retrain", {}, False, 0, _run_retrain, "exact: the original recipe on retained cells"
+        "retrain",
+        {},
+        needs_nonmembers=False,
+        default_max_epochs=0,
+        run=_run_retrain,
+        description="exact: the original recipe on retained cells",
     ),
 }
 

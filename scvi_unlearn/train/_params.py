@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+
+class _FromPlan:
+    """Sentinel default: "the plan's own signature default" (one source of truth)."""
+
+    def __repr__(self) -> str:
+        return "FROM_PLAN"
+
+
+#: Default of a :class:`Param` whose value comes from the plan's ``__init__`` signature.
+FROM_PLAN: Any = _FromPlan()
 
 
 @dataclass(frozen=True)
@@ -14,7 +26,8 @@ class Param:
     Parameters
     ----------
     default
-        Default value.
+        Default value; :data:`FROM_PLAN` (the default) reads it from the training plan's
+        signature (see :func:`resolve_plan_defaults`), so no default is written twice.
     kind
         ``"int"``, ``"float"`` or ``"bool"``.
     low, high
@@ -27,8 +40,8 @@ class Param:
         One line for error messages and docs.
     """
 
-    default: Any
-    kind: str
+    default: Any = FROM_PLAN
+    kind: str = "float"
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -73,6 +86,45 @@ class Param:
         if too_low or too_high or value != value:
             raise ValueError(f"{where} must be in {self._range_text()}, got {value!r}.")
         return value
+
+
+def plan_defaults(plan_cls: type) -> dict[str, Any]:
+    """Keyword defaults of a plan's ``__init__``, following ``**kwargs`` up its bases.
+
+    A subclass's default wins over its base's (e.g. the frozen critic's longer pre-training).
+    """
+    defaults: dict[str, Any] = {}
+    for cls in plan_cls.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                defaults.setdefault(name, param.default)
+    return defaults
+
+
+def resolve_plan_defaults(params: dict[str, Param], plan_cls: type | None) -> dict[str, Param]:
+    """Fill every :data:`FROM_PLAN` default from ``plan_cls``'s signature.
+
+    Raises
+    ------
+    TypeError
+        If a :data:`FROM_PLAN` parameter is not a keyword of the plan (a declaration bug).
+    """
+    defaults = plan_defaults(plan_cls) if plan_cls is not None else {}
+    resolved = {}
+    for name, spec in params.items():
+        if spec.default is FROM_PLAN:
+            if name not in defaults:
+                owner = plan_cls.__name__ if plan_cls is not None else "no plan"
+                raise TypeError(
+                    f"Hyper-parameter `{name}` takes its default from {owner}, "
+                    "whose signature has no such keyword."
+                )
+            spec = replace(spec, default=defaults[name])
+        resolved[name] = spec
+    return resolved
 
 
 def check_hyperparameters(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from scvi_unlearn.train._common import state_copy
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BestStateSelector:
 
     Examples
     --------
+    >>> import torch
     >>> sel = BestStateSelector(target_auc=0.5, max_utility_loss=0.05)
     >>> m = torch.nn.Linear(1, 1)
     >>> sel.update(m, -1, auc=0.9, retain_elbo=100.0)

@@ -1,19 +1,23 @@
-"""Utility of a (possibly unlearned) scVI model on held-out cells (METHODS section 7)."""
+"""Utility of a (possibly unlearned) scVI model on held-out cells (:ref:`methods-utility`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
+from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
 
+from scvi_unlearn._model_data import registered_adata
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
-from scvi_unlearn.audit._features import _prepare_adata, attack_features
+from scvi_unlearn.audit import attack_features
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
 #: Default marker genes (T, B, monocyte, NK cells, platelets / megakaryocytes).
@@ -66,7 +70,7 @@ def utility_metrics(
     ``n_markers``. Undefined values are NaN.
     """
     check_trained(model)
-    data = _prepare_adata(model, adata)
+    data = registered_adata(model, adata)
     idx = np.arange(data.n_obs) if indices is None else as_cell_indices(data, indices, "indices")
     feats = attack_features(model, data, indices=idx)
     out: dict[str, Any] = {
@@ -136,8 +140,6 @@ def knn_accuracy(latent: np.ndarray, labels: np.ndarray, n_neighbors: int = 15) 
     >>> knn_accuracy(z, np.array([0, 0, 0, 1, 1, 1]), n_neighbors=2)
     1.0
     """
-    from sklearn.neighbors import NearestNeighbors
-
     labels = np.asarray(labels)
     k = int(min(n_neighbors, labels.size - 1))
     if k < 1:
@@ -150,8 +152,6 @@ def knn_accuracy(latent: np.ndarray, labels: np.ndarray, n_neighbors: int = 15) 
 
 
 def _silhouette(latent: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import silhouette_score
-
     n_labels = np.unique(labels).size
     if n_labels < 2 or n_labels > labels.size - 1:
         return float("nan")

@@ -1,0 +1,260 @@
+"""The steps of ``model.unlearn``: checks, the run, the new model's cells and provenance.
+
+:meth:`scvi_unlearn.model.UnlearningMixin.unlearn` strings these together; the methods
+themselves are training plans in :mod:`scvi_unlearn.train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import scvi
+from scvi.train import TrainingPlan
+from scvi.train._trainingplans import _compute_kl_weight
+
+from scvi_unlearn._model_data import training_positions
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn._utils import package_version, to_jsonable
+from scvi_unlearn._validation import IndexLike, as_cell_indices
+from scvi_unlearn.audit import MembershipInference
+from scvi_unlearn.train import METHODS, MethodSpec, UnlearningRun
+
+#: Arguments of ``MembershipInference.audit`` (the rest of ``audit_kwargs`` go to its constructor).
+_AUDIT_CALL_KEYS = ("reference_models", "n_bootstrap")
+
+
+def event_record(
+    run: UnlearningRun, method, train, nonmember_info, started_at, wall_time, metrics
+) -> dict[str, Any]:
+    """The provenance record of one unlearning run."""
+    obs_names = run.model.adata.obs_names
+    nonmembers = run.nonmembers
+    return {
+        "method": method,
+        "hyperparameters": run.hyperparameters,
+        "seed": run.seed,
+        "max_epochs": run.max_epochs,
+        "forgotten_obs_names": obs_names[run.forget].tolist(),
+        "forgotten_positions": run.forget.tolist(),
+        "n_forgotten": int(run.forget.size),
+        "n_train_before": int(train.size),
+        "n_train_after": int(run.retain.size),
+        "nonmembers": {**nonmember_info, "n": 0 if nonmembers is None else int(nonmembers.size)},
+        "started_at": started_at,
+        "wall_time_s": wall_time,
+        "scvi_unlearn_version": package_version(),
+        "scvi_tools_version": scvi.__version__,
+        "metrics": metrics,
+    }
+
+
+# -- checks ------------------------------------------------------------------------------------
+def method_spec(method: Any) -> MethodSpec:
+    """The registry entry of ``method``, or a clear error listing the valid names."""
+    if not isinstance(method, str) or method not in METHODS:
+        valid = ", ".join(f"'{m}'" for m in METHODS)
+        raise ValueError(f"Unknown unlearning method {method!r}; choose one of {valid}.")
+    return METHODS[method]
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an ``int`` >= ``low``, or a clear error (booleans are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+    return int(value)
+
+
+def positions(indices) -> np.ndarray:
+    """Sorted unique ``np.int64`` positions (empty for ``None``)."""
+    if indices is None:
+        return np.zeros(0, np.int64)
+    return np.unique(np.asarray(indices, dtype=np.int64))
+
+
+def training_cells(model) -> np.ndarray:
+    """Positions in ``model.adata`` of the cells the model trained on (never empty)."""
+    train = training_positions(model)
+    if train is None or train.size == 0:
+        raise ValueError(
+            "The model records no training cells (`model.train_indices` is empty), so it is "
+            "unknown which cells it learned from."
+        )
+    return train
+
+
+def check_forget(model, forget_idx: IndexLike, train: np.ndarray) -> np.ndarray:
+    forget = as_cell_indices(model.adata, forget_idx, "forget_idx")
+    outside = np.setdiff1d(forget, train)
+    if outside.size:
+        names = model.adata.obs_names[outside[:5]].tolist()
+        val = np.intersect1d(outside, positions(model.validation_indices))
+        hint = (
+            f" ({val.size} of them are validation cells, which scVI never trained on)"
+            if val.size
+            else ""
+        )
+        raise ValueError(
+            f"{outside.size} of the {forget.size} cells in `forget_idx` were not in the model's "
+            f"training set{hint}, e.g. {names}; only trained-on cells can be unlearned."
+        )
+    if forget.size == train.size:
+        raise ValueError(
+            f"`forget_idx` holds all {train.size} training cells: nothing would remain. Train a "
+            "new model instead of unlearning everything."
+        )
+    return forget
+
+
+def resolve_nonmembers(model, nonmembers, forget, train, population_key, method):
+    """Non-members given by the user (checked), or found in the forget cells' population."""
+    adata = model.adata
+    if nonmembers is not None:
+        idx = as_cell_indices(adata, nonmembers, "nonmembers")
+        seen = np.intersect1d(idx, train)
+        if seen.size:
+            raise ValueError(
+                f"{seen.size} of the `nonmembers` are training cells of the model (e.g. "
+                f"{adata.obs_names[seen[:5]].tolist()}); non-members must be cells it never "
+                "trained on."
+            )
+        return idx, {"source": "given"}
+    key = population_key or ("cell_type" if "cell_type" in adata.obs else None)
+    if key is None:
+        raise ValueError(
+            f"Method '{method}' needs same-population non-members: pass `nonmembers=` or "
+            "`population_key=` (an obs column such as 'cell_type')."
+        )
+    if key not in adata.obs:
+        raise KeyError(f"`population_key` {key!r} is not an obs column of the model's AnnData.")
+    values = adata.obs[key].astype(str).to_numpy()
+    population = Counter(values[forget].tolist()).most_common(1)[0][0]
+    candidates = np.setdiff1d(np.flatnonzero(values == population), train)
+    if candidates.size == 0:
+        raise ValueError(
+            f"No non-members found for method '{method}': every cell of the model's AnnData "
+            f"with {key} == {population!r} was trained on. Pass `nonmembers=` (cells of the same "
+            "population the model never saw), e.g. after loading the model with an AnnData that "
+            "also holds held-out cells."
+        )
+    return candidates.astype(np.int64), {
+        "source": "auto",
+        "population_key": key,
+        "population": population,
+    }
+
+
+def resolve_epochs(model, spec, method, max_epochs, hyperparameters) -> int:
+    """Epochs of the run: given, else the recipe's (retrain) or the method's default."""
+    if method == "retrain":
+        if max_epochs is not None:
+            return max_epochs
+        recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
+        return int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
+    if "finetune_epochs" in hyperparameters:
+        ft = hyperparameters["finetune_epochs"]
+        if max_epochs is not None and ft not in (0, max_epochs):
+            raise ValueError(
+                f"`max_epochs`={max_epochs} and `finetune_epochs`={ft} disagree; for "
+                f"'{method}' they are the same thing, pass one."
+            )
+        return max_epochs if max_epochs is not None else ft
+    return spec.default_max_epochs if max_epochs is None else max_epochs
+
+
+def final_kl_weight(model) -> float:
+    """The KL weight of the model's last training step, by scvi-tools' own schedule.
+
+    Recorded when :class:`~scvi_unlearn.model.SCVI` trains (``final_kl_weight_``, from the
+    training plan's last epoch and step) and pinned on every unlearned model, so chained runs
+    continue at the original weight. For a plain scvi-tools model the same schedule
+    (``scvi.train``'s ``_compute_kl_weight``, epoch warm-up overriding step warm-up) is
+    evaluated at the last epoch of its history and the last step that implies. The logged
+    ``kl_weight`` history is not used: scvi-tools logs it every ``log_every_n_steps`` steps,
+    so its last value may predate the last step.
+    """
+    pinned = getattr(model, "final_kl_weight_", None)
+    if pinned is not None:
+        return float(pinned)
+    recipe = Recipe.from_model(model)
+    epochs = recipe.train_kwargs.get("max_epochs")
+    if not epochs:
+        return float((recipe.train_kwargs.get("plan_kwargs") or {}).get("max_kl_weight", 1.0))
+    train = getattr(model, "train_indices", None)
+    n_train = 0 if train is None else len(train)
+    batch_size = int(recipe.train_kwargs.get("batch_size") or scvi.settings.batch_size)
+    steps = int(epochs) * max(1, math.ceil(n_train / batch_size))
+    return kl_weight_at(recipe.train_kwargs.get("plan_kwargs"), int(epochs) - 1, steps - 1)
+
+
+def kl_weight_at(plan_kwargs: dict | None, epoch: int, step: int) -> float:
+    """scvi-tools' KL weight at ``epoch`` / ``step`` for a plan built with ``plan_kwargs``."""
+    defaults = inspect.signature(TrainingPlan.__init__).parameters
+    plan = {
+        name: (plan_kwargs or {}).get(name, defaults[name].default)
+        for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight")
+    }
+    return float(_compute_kl_weight(epoch, step, **plan))
+
+
+# -- the new model ---------------------------------------------------------------------------
+def finish(target, run: UnlearningRun, original) -> None:
+    """Training cells after forgetting; the original's validation / test sets stay."""
+    target.train_indices = run.retain.copy()
+    names = getattr(original, "train_obs_names_", None)
+    if names is None:
+        target.train_obs_names_ = target.adata.obs_names[run.retain].tolist()
+    else:  # keep recorded training cells that this AnnData lacks
+        forgotten = set(target.adata.obs_names[run.forget])
+        target.train_obs_names_ = [n for n in names if n not in forgotten]
+    target.validation_indices = positions(original.validation_indices)
+    target.test_indices = positions(getattr(original, "test_indices", None))
+    target.is_trained_ = True
+    target.final_kl_weight_ = run.kl_weight
+    target.module.eval()
+
+
+def record(target, original, event: dict[str, Any]) -> None:
+    """Append ``event`` to the provenance the original carried (chained runs accumulate)."""
+    previous = copy.deepcopy(getattr(original, "unlearning_provenance_", None) or {})
+    events = list(previous.get("events", []))
+    events.append(to_jsonable(event))
+    forgotten = list(previous.get("forgotten_obs_names", [])) + event["forgotten_obs_names"]
+    target.unlearning_provenance_ = {
+        "events": events,
+        "forgotten_obs_names": forgotten,
+        "n_forgotten": len(forgotten),
+        "original_n_train": previous.get("original_n_train", event["n_train_before"]),
+        "scvi_unlearn_version": event["scvi_unlearn_version"],
+    }
+
+
+def audit_result(
+    target, original, forget, nonmembers, seed, accelerator, devices, progress_bar, audit_kwargs
+) -> dict[str, Any]:
+    """Membership-inference audit of the unlearned model: forget cells vs non-members."""
+    recipe = Recipe.from_model(original)
+    split = dict(recipe.train_kwargs.get("datasplitter_kwargs") or {})
+    split.pop("external_indexing", None)  # positions of the original data, not a recipe
+    recipe.train_kwargs["datasplitter_kwargs"] = split
+    if not split:
+        recipe.train_kwargs.pop("datasplitter_kwargs")
+    kwargs = dict(audit_kwargs)
+    call = {k: kwargs.pop(k) for k in _AUDIT_CALL_KEYS if k in kwargs}
+    mi = MembershipInference(
+        original.adata,
+        recipe=recipe,
+        seed=seed,
+        accelerator=accelerator,
+        devices=devices,
+        **kwargs,
+    )
+    mi.fit(progress_bar=progress_bar)
+    report = mi.audit(target, members=forget, nonmembers=nonmembers, **call)
+    return to_jsonable(report.summary())

@@ -1,0 +1,276 @@
+"""The package's layers: no import cycles, no hidden function-local imports, one source of
+truth per concept (JSON, cell lists, KEY=VALUE, training cells, defaults, likelihood)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+
+import scvi_unlearn as su
+from scvi_unlearn._model_data import registered_adata, training_positions
+from scvi_unlearn._utils import parse_key_value, to_jsonable
+from scvi_unlearn.cli import build_parser
+from scvi_unlearn.module import sparse_nll
+from scvi_unlearn.train import FROM_PLAN, METHODS, plan_defaults
+
+PACKAGE = Path(su.__file__).resolve().parent
+#: Third-party packages that may be imported inside a function: heavy and needed by few paths.
+LAZY_ALLOWED = {"matplotlib", "scanpy"}
+#: Lower layers first: a module may import only from its own layer or a lower one.
+LAYERS = [
+    {"_utils", "_validation"},
+    {"_model_data", "module", "data", "_recipe", "pl"},
+    {"audit"},
+    {"train", "utility"},
+    {"model"},
+    {"_demo"},
+    {"cli"},
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path):
+    """(module-level imports, function-local imports) of scvi_unlearn modules and others."""
+    tree = ast.parse(path.read_text())
+    top, local = [], []
+
+    def visit(node, in_function: bool, in_type_checking: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                visit(child, in_function, True)
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom) and not in_type_checking:
+                names = (
+                    [a.name for a in child.names]
+                    if isinstance(child, ast.Import)
+                    else [child.module or ""]
+                )
+                (local if in_function else top).extend(names)
+            is_function = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            visit(child, in_function or is_function, in_type_checking)
+
+    visit(tree, False, False)
+    return top, local
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        top, _ = _imports(path)
+        edges = set()
+        for imported in top:
+            if imported == "scvi_unlearn" or not imported.startswith("scvi_unlearn."):
+                continue
+            # `from scvi_unlearn.x.y import z` imports x (its __init__) and x.y
+            parts = imported.split(".")
+            for i in range(2, len(parts) + 1):
+                candidate = ".".join(parts[:i])
+                # a package's own __init__ is already importing when a submodule runs
+                if candidate in modules and not (name + ".").startswith(candidate + "."):
+                    edges.add(candidate)
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def dfs(node, stack):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if state.get(nxt) is None:
+                dfs(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            dfs(node, [node])
+
+
+def test_layers_only_import_downwards():
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+    def layer_of(module: str) -> int:
+        part = module.split(".")[1] if module.count(".") else module
+        assert part in rank, f"{module} belongs to no layer; add it to LAYERS"
+        return rank[part]
+
+    for module, edges in _graph().items():
+        if module == "scvi_unlearn":
+            continue
+        for target in edges:
+            if target.split(".")[1] == module.split(".")[1]:
+                continue
+            assert layer_of(target) <= layer_of(module), f"{module} imports upward: {target}"
+
+
+def test_function_local_imports_are_only_heavy_optional_dependencies():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        _, local = _imports(path)
+        for name in local:
+            if name.split(".")[0] not in LAZY_ALLOWED:
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}: {name}")
+    assert not offenders, offenders
+
+
+# -- one function per concept ---------------------------------------------------------------
+def test_to_jsonable_is_the_one_json_sanitiser():
+    value = {"a": np.float32(0.5), 2: (np.int64(3), float("nan")), "x": np.array([1.0, np.inf])}
+    assert to_jsonable(value) == {"a": 0.5, "2": [3, None], "x": [1.0, None]}
+    for module in ("_recipe", "model._unlearn", "audit._report", "model._scvi"):
+        source = inspect.getsource(__import__(f"scvi_unlearn.{module}", fromlist=["_"]))
+        assert "def _jsonable" not in source and "def _clean" not in source
+        assert "def _py(" not in source
+
+
+def test_report_json_round_trip_keeps_nan(overfit_case, tmp_path):
+    case = overfit_case
+    report = case["mi"].audit(
+        case["model"], members=case["train"][:10], nonmembers=case["held"][:10], n_bootstrap=50
+    )
+    result = next(iter(report.results.values()))
+    result.tpr_at_01pct_fpr = float("nan")
+    text = report.to_json(str(tmp_path / "r.json"))
+    assert "NaN" not in text  # standard JSON
+    again = su.AuditReport.from_json(str(tmp_path / "r.json"))
+    assert math.isnan(again.results[result.attack].tpr_at_01pct_fpr)
+    assert again.verdict == report.verdict
+
+
+def test_parse_key_value():
+    assert parse_key_value(" sample_id = 1016 ") == ("sample_id", "1016")
+    assert parse_key_value("a=b=c") == ("a", "b=c")
+    for bad in ("novalue", "=x", "k="):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_key_value(bad)
+
+
+@pytest.fixture
+def named_adata():
+    a = anndata.AnnData(np.ones((5, 2), dtype=np.float32))
+    a.obs_names = ["7", "3", "AAC", "AAG", "ACT"]
+    return a
+
+
+def test_cell_list_file_names_win_over_positions_and_comments_are_skipped(tmp_path, named_adata):
+    f = tmp_path / "cells.txt"
+    f.write_text("# obs names that look like numbers\n7\n\n3\n")
+    assert su.data.read_cell_list(named_adata, f).tolist() == [0, 1]  # names, not positions
+    f.write_text("0\n4\n")
+    assert su.data.read_cell_list(named_adata, f).tolist() == [0, 4]  # positions
+    f.write_text("AAC\nnope\n")
+    with pytest.raises(KeyError, match="nope"):
+        su.data.read_cell_list(named_adata, f)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        su.data.read_cell_list(named_adata, tmp_path / "missing.txt")
+
+
+def test_training_positions_prefers_names_and_drops_unknown_cells(overfit_case):
+    model, adata = overfit_case["model"], overfit_case["adata"]
+    np.testing.assert_array_equal(training_positions(model), np.sort(overfit_case["train"]))
+    # another AnnData order: names map to the new positions; missing cells are left out
+    reordered = adata[::-1][:150].copy()
+    pos = training_positions(model, reordered)
+    expected = np.flatnonzero(reordered.obs_names.isin(adata.obs_names[overfit_case["train"]]))
+    np.testing.assert_array_equal(pos, expected)
+    assert (pos >= 0).all()
+
+
+def test_registered_adata_shares_counts_and_never_writes_into_the_callers_object(overfit_case):
+    model, adata = overfit_case["model"], overfit_case["adata"]
+    user = adata.copy()
+    obs_before, uns_before = user.obs.copy(), dict(user.uns)
+    view = registered_adata(model, user)
+    assert view.X is user.X  # no copy of the counts
+    assert view is not user
+    pd.testing.assert_frame_equal(user.obs, obs_before)
+    assert set(user.uns) == set(uns_before)
+
+
+def test_hyperparameter_defaults_come_from_the_plan_signatures():
+    for name, spec in METHODS.items():
+        if spec.plan is None:
+            continue
+        defaults = plan_defaults(spec.plan)
+        for param_name, param in spec.params.items():
+            assert param.default is not FROM_PLAN, (name, param_name)
+            if param_name in defaults and not (name == "ssd" and param_name == "alpha"):
+                if param_name == "kl_weight":  # run-level meaning: the original's final weight
+                    assert param.default is None
+                    continue
+                assert param.default == defaults[param_name], (name, param_name)
+    assert METHODS["frozen_critic"].params["critic_pretrain_steps"].default == 300
+    assert METHODS["extragradient"].params["critic_pretrain_steps"].default == 200
+
+
+def test_one_n_shadows_default():
+    mi_default = inspect.signature(su.MembershipInference).parameters["n_shadows"].default
+    assert mi_default == su.audit.DEFAULT_N_SHADOWS
+    audit_parser = build_parser()._subparsers._group_actions[0].choices["audit"]
+    assert audit_parser.get_default("n_shadows") == su.audit.DEFAULT_N_SHADOWS
+
+
+def test_unlearn_audit_uses_the_shadow_cache(overfit_case, monkeypatch):
+    import scvi_unlearn.model._unlearn as unlearn_steps
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, adata, recipe, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(unlearn_steps, "MembershipInference", Recorder)
+    case = overfit_case
+    with pytest.raises(RuntimeError, match="recorded"):
+        case["model"].unlearn(
+            case["train"][:3],
+            method="finetune",
+            max_epochs=1,
+            nonmembers=case["held"][:5],
+            audit=True,
+            accelerator="cpu",
+            enable_progress_bar=False,
+        )
+    assert "cache_dir" not in seen and "n_shadows" not in seen  # the library's defaults
+
+
+# -- the likelihood kernel agrees with scvi-tools ---------------------------------------------
+@pytest.mark.parametrize("zero_inflated", [False, True])
+def test_sparse_likelihood_equals_scvi_tools_dense_log_prob(zero_inflated):
+    gen = torch.Generator().manual_seed(0)
+    n_cells, n_genes = 7, 40
+    mu = torch.rand(n_cells, n_genes, generator=gen) * 5 + 0.01
+    theta = torch.rand(n_genes, generator=gen) * 3 + 0.1
+    x = torch.poisson(mu, generator=gen) * (torch.rand(n_cells, n_genes, generator=gen) > 0.6)
+    if zero_inflated:
+        logits = torch.randn(n_cells, n_genes, generator=gen)
+        px = ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=logits)
+    else:
+        px = NegativeBinomial(mu=mu, theta=theta)
+    dense = -px.log_prob(x).sum(-1)
+    torch.testing.assert_close(sparse_nll(px, x), dense, rtol=1e-5, atol=1e-4)
+    assert (x == 0).float().mean() > 0.5  # the sparse path was exercised on mostly zeros
