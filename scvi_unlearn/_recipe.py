@@ -157,10 +157,7 @@ class Recipe:
         model_cls
             Class to instantiate; defaults to the recipe's ``model_class``.
         """
-        model_cls = model_cls or resolve_model_class(self.model_class)
-        scvi.settings.seed = int(seed)
-        model_cls.setup_anndata(adata, **self.setup_kwargs)
-        model = model_cls(adata, **self.model_kwargs)
+        model = self.build(adata, seed=seed, model_cls=model_cls)
         kwargs = _avoid_single_cell_batch({**self.train_kwargs, **trainer_kwargs}, adata.n_obs)
         model.train(
             accelerator=accelerator,
@@ -169,6 +166,16 @@ class Recipe:
             **kwargs,
         )
         return model
+
+    def build(self, adata: AnnData, seed: int = 0, model_cls: type | None = None):
+        """An untrained model of this recipe, set up on ``adata`` (which it registers).
+
+        The weights are initialised under ``scvi.settings.seed = seed``.
+        """
+        model_cls = model_cls or resolve_model_class(self.model_class)
+        scvi.settings.seed = int(seed)
+        model_cls.setup_anndata(adata, **self.setup_kwargs)
+        return model_cls(adata, **self.model_kwargs)
 
     def fit_cells(
         self,

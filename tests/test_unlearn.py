@@ -525,3 +525,67 @@ def test_from_scvi_copies_what_the_new_model_may_change():
         next(wrapped.module.parameters()).add_(1.0)
     assert not torch.equal(next(wrapped.module.parameters()), next(plain.module.parameters()))
     assert wrapped.get_latent_representation().shape == (adata.n_obs, 3)
+
+
+# -- no silent no-ops ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_population():
+    """A plain-sized scVI with a rare type of which only 2 cells were held out (issue 11)."""
+    adata = su.data.synthetic_pbmc(n_cells=300, n_genes=60, rare_fraction=0.06, seed=5)
+    rare = np.flatnonzero(adata.obs["cell_type"] == "Megakaryocyte")
+    held = rare[:2]
+    train = np.setdiff1d(np.arange(adata.n_obs), held)
+    recipe = su.Recipe(
+        model_kwargs={"n_latent": 4, "n_hidden": 32}, train_kwargs={"max_epochs": 5}
+    )
+    model = recipe.fit_cells(adata, train, accelerator="cpu", enable_progress_bar=False)
+    return {"model": model, "forget": rare[2:16], "nonmembers": held}
+
+
+def test_too_few_selection_cells_run_a_fixed_budget_and_say_so(small_population):
+    case = small_population
+    before = _state(case["model"])
+    with pytest.warns(UserWarning, match=r"fixed budget of 2 epochs.*nonmembers="):
+        out = case["model"].unlearn(
+            case["forget"],
+            method="extragradient",
+            nonmembers=case["nonmembers"],
+            max_epochs=2,
+            accelerator="cpu",
+            enable_progress_bar=False,
+        )
+    assert not _states_equal(_state(out), before)  # never the warm start
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["selection_underpowered"] is True
+    assert metrics["selection"] == "fixed budget (final state)"
+    assert metrics["selected_epoch"] is None
+    assert metrics["epochs_run"] == 2
+    assert (metrics["n_forget_val"], metrics["n_nonmember_val"]) == (4, 1)
+    assert metrics["min_selection_cells"] == su.train.MIN_SELECTION_CELLS
+
+
+def test_a_method_that_changes_nothing_is_an_error(small_population):
+    case = small_population
+    before = _state(case["model"])
+    with pytest.raises(RuntimeError, match="original weights"):
+        case["model"].unlearn(
+            case["forget"], method="fisher", alpha=0.0, finetune_epochs=0, accelerator="cpu"
+        )
+    assert _states_equal(_state(case["model"]), before)
+    assert case["model"].provenance is None
+
+
+def test_selection_never_keeps_the_warm_start():
+    selector = su.train.BestStateSelector(target_auc=0.5, max_utility_loss=0.05)
+    module = torch.nn.Linear(2, 1)
+    selector.update(module, -1, auc=0.5, retain_elbo=100.0)  # already at the target
+    selector.update(module, 0, auc=0.9, retain_elbo=101.0)
+    selector.update(module, 1, auc=0.8, retain_elbo=200.0)  # closer, but breaks utility
+    assert selector.kept_epoch == 0 and selector.utility_budget_met is True
+    broken = su.train.BestStateSelector(target_auc=0.5, max_utility_loss=0.05)
+    broken.update(module, -1, auc=0.9, retain_elbo=100.0)
+    broken.update(module, 0, auc=0.5, retain_elbo=300.0)
+    broken.update(module, 1, auc=0.6, retain_elbo=200.0)
+    assert broken.kept_epoch == 1  # the least damaging epoch, flagged
+    assert broken.utility_budget_met is False
+    assert broken.summary()["utility_budget_met"] is False

@@ -23,6 +23,7 @@ from scvi_unlearn.model._unlearn import (
     resolve_epochs,
     resolve_nonmembers,
     training_cells,
+    weights_fingerprint,
 )
 from scvi_unlearn.train import UnlearningRun, check_hyperparameters, seed_everything
 
@@ -154,9 +155,24 @@ class UnlearningMixin:
             devices=devices,
             enable_progress_bar=enable_progress_bar,
             kl_weight=final_kl_weight(self),
+            method=method,
         )
+        weights_before = weights_fingerprint(target.module)
         seed_everything(seed)
         metrics = spec.run(run)
+        if not spec.exact and weights_fingerprint(target.module) == weights_before:
+            # A record saying "removed" over unchanged weights is the worst possible outcome.
+            if inplace:
+                raise RuntimeError(
+                    f"Method '{method}' left the weights exactly as they were: nothing was "
+                    "unlearned and no record was written. Check its hyper-parameters (e.g. "
+                    "alpha=0 with no fine-tune epochs) or use method='retrain'."
+                )
+            raise RuntimeError(
+                f"Method '{method}' returned the original weights: nothing was unlearned, so "
+                "no unlearned model is returned. Check its hyper-parameters (e.g. alpha=0 "
+                "with no fine-tune epochs) or use method='retrain'."
+            )
         wall_time = time.perf_counter() - start
         finish(target, run, self)
         event = event_record(run, method, train, nonmember_info, started_at, wall_time, metrics)

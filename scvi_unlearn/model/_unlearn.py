@@ -7,10 +7,11 @@ themselves are training plans in :mod:`scvi_unlearn.train`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scvi
@@ -23,6 +24,9 @@ from scvi_unlearn._utils import package_version, to_jsonable
 from scvi_unlearn._validation import IndexLike, as_cell_indices
 from scvi_unlearn.audit import MembershipInference
 from scvi_unlearn.train import METHODS, MethodSpec, UnlearningRun
+
+if TYPE_CHECKING:
+    import torch
 
 #: Arguments of ``MembershipInference.audit`` (the rest of ``audit_kwargs`` go to its constructor).
 _AUDIT_CALL_KEYS = ("reference_models", "n_bootstrap")
@@ -54,6 +58,15 @@ def event_record(
 
 
 # -- checks ------------------------------------------------------------------------------------
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (bitwise: any change shows)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def method_spec(method: Any) -> MethodSpec:
     """The registry entry of ``method``, or a clear error listing the valid names."""
     if not isinstance(method, str) or method not in METHODS:
@@ -151,12 +164,18 @@ def resolve_nonmembers(model, nonmembers, forget, train, population_key, method)
 
 
 def resolve_epochs(model, spec, method, max_epochs, hyperparameters) -> int:
-    """Epochs of the run: given, else the recipe's (retrain) or the method's default."""
-    if method == "retrain":
-        if max_epochs is not None:
-            return max_epochs
+    """Epochs of the run.
+
+    Given, else the recipe's (retrain), a share of them (a method with a ``budget`` or
+    ``relearn_budget``) or the method's default.
+    """
+    if max_epochs is not None and "finetune_epochs" not in hyperparameters:
+        return max_epochs
+    if method == "retrain" or "budget" in hyperparameters or "relearn_budget" in hyperparameters:
         recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
-        return int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
+        full = int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
+        share = hyperparameters.get("budget", hyperparameters.get("relearn_budget", 1.0))
+        return max(1, math.ceil(share * full))
     if "finetune_epochs" in hyperparameters:
         ft = hyperparameters["finetune_epochs"]
         if max_epochs is not None and ft not in (0, max_epochs):

@@ -14,27 +14,37 @@ from scvi_unlearn.train._common import (
     seed_everything,
 )
 from scvi_unlearn.train._critics import CriticEnsemble
+from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import (
     FisherScrubbingPlan,
     diagonal_fisher,
     fisher_noise_std,
     ssd_dampening_factor,
 )
-from scvi_unlearn.train._methods import METHODS, MethodSpec, UnlearningRun
+from scvi_unlearn.train._methods import (
+    METHODS,
+    MIN_SELECTION_CELLS,
+    MethodSpec,
+    UnlearningRun,
+)
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
+from scvi_unlearn.train._reset import ResetRelearnPlan, reset_masks, saliency_scores
 from scvi_unlearn.train._selection import BestStateSelector
 
 __all__ = [
     "FROM_PLAN",
     "METHODS",
+    "MIN_SELECTION_CELLS",
     "BestStateSelector",
     "CriticEnsemble",
     "ExtraGradientUnlearningPlan",
+    "FastRetrainPlan",
     "FisherScrubbingPlan",
     "FrozenCriticPlan",
     "GradientAscentPlan",
     "MethodSpec",
     "Param",
+    "ResetRelearnPlan",
     "RetainFinetunePlan",
     "SCRUBPlan",
     "UnlearningRun",
@@ -45,6 +55,8 @@ __all__ = [
     "gather_tensors",
     "loss_auc",
     "plan_defaults",
+    "reset_masks",
+    "saliency_scores",
     "seed_everything",
     "ssd_dampening_factor",
 ]

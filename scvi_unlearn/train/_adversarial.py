@@ -72,8 +72,9 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         the game starts, so the first VAE gradients come from informed critics.
     adv_batch_size
         Forget / non-member cells per step (all of them when fewer).
-    target_auc, max_utility_loss, patience
-        Early stopping, see :class:`~scvi_unlearn.train.BestStateSelector`.
+    target_auc, max_utility_loss, patience, select_state
+        Early stopping, see :class:`~scvi_unlearn.train.BestStateSelector` (``select_state``
+        is its ``select``: False keeps the final state of the fixed budget).
     **kwargs
         Passed to :class:`~scvi_unlearn.train.UnlearningTrainingPlan` (``lr``, ``kl_weight``,
         ``seed``, scVI plan arguments).
@@ -96,6 +97,7 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         target_auc: float = 0.5,
         max_utility_loss: float = 0.05,
         patience: int | None = None,
+        select_state: bool = True,
         **kwargs: Any,
     ):
         held = {
@@ -113,7 +115,7 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         self.critic_pretrain_steps = int(critic_pretrain_steps)
         self.critic_pretrain_lr = float(critic_pretrain_lr)
         self.adv_batch_size = int(adv_batch_size)
-        self.selector = BestStateSelector(target_auc, max_utility_loss, patience)
+        self.selector = BestStateSelector(target_auc, max_utility_loss, patience, select_state)
         self._val_sum = 0.0
         self._val_n = 0
 

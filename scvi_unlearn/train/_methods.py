@@ -6,12 +6,14 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scvi import REGISTRY_KEYS
+from scvi.train import TrainingPlan
 
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.data import validation_split
@@ -23,11 +25,18 @@ from scvi_unlearn.train._common import (
     make_data_splitter,
     run_plan,
 )
+from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
-from scvi_unlearn.train._params import Param, resolve_plan_defaults
+from scvi_unlearn.train._params import Param, plan_defaults, resolve_plan_defaults
+from scvi_unlearn.train._reset import ResetRelearnPlan, request_seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+#: Fewest forget and fewest non-member validation cells on which an approximate method may
+#: select its epoch: below that an AUC's 95% interval spans most of [0, 1] (20 + 20 cells:
+#: about +-0.18 at AUC 0.5), so the method runs its fixed budget instead.
+MIN_SELECTION_CELLS = 20
 
 
 @dataclass
@@ -63,6 +72,7 @@ class UnlearningRun:
     devices: int | list[int] | str = "auto"
     enable_progress_bar: bool = True
     kl_weight: float = 1.0
+    method: str = ""
 
     @property
     def rng(self) -> np.random.Generator:
@@ -125,6 +135,7 @@ class MethodSpec:
     run: Callable[[UnlearningRun], dict[str, Any]]
     description: str
     plan: type | None = None
+    exact: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", resolve_plan_defaults(self.params, self.plan))
@@ -205,6 +216,18 @@ def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
     f_fit, f_val = _split_validation(run.forget, hp["val_fraction"], run.seed, "forget cells")
     n_fit, n_val = _split_validation(run.nonmembers, hp["val_fraction"], run.seed, "non-members")
     r_train, r_val = _retain_validation(run, hp["retain_val_fraction"])
+    underpowered = min(f_val.size, n_val.size) < MIN_SELECTION_CELLS
+    if underpowered:
+        warnings.warn(
+            f"Only {f_val.size} forget and {n_val.size} non-member cells are left to judge "
+            f"the unlearning epochs (at least {MIN_SELECTION_CELLS} of each are needed for an "
+            f"AUC to mean anything), so '{run.method}' runs its fixed budget of "
+            f"{run.max_epochs} epochs and keeps the final state, without selection. Pass more "
+            "same-population cells the model never saw with `nonmembers=`, or use an exact "
+            "method (method='retrain').",
+            UserWarning,
+            stacklevel=2,
+        )
     game = {k: hp[k] for k in _GAME}
     extra = {"critic_lr": hp["critic_lr"]} if "critic_lr" in hp else {}
     # Every forget cell takes part in the game (all must be forgotten); the held-out
@@ -219,6 +242,7 @@ def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
         target_auc=hp["target_auc"],
         max_utility_loss=hp["max_utility_loss"],
         patience=hp["patience"],
+        select_state=not underpowered,
         **game,
         **extra,
         **run.plan_kwargs(),
@@ -226,6 +250,8 @@ def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
     runner = run.fit(plan, r_train, r_val)
     summary = plan.selector.summary()
     summary.update(
+        selection_underpowered=bool(underpowered),
+        min_selection_cells=MIN_SELECTION_CELLS,
         n_forget_fit=int(f_fit.size),
         n_forget_val=int(f_val.size),
         n_nonmember_fit=int(n_fit.size),
@@ -315,6 +341,25 @@ def _run_scrub(run: UnlearningRun) -> dict[str, Any]:
     return _with_history({}, run.fit(plan, run.retain))
 
 
+def _run_reset_relearn(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    n_sample = min(hp["n_saliency_cells"], run.retain.size)
+    retain_sample = np.sort(run.rng.permutation(run.retain)[:n_sample])
+    forget_names = run.model.adata.obs_names[run.forget].tolist()
+    plan = ResetRelearnPlan(
+        run.model.module,
+        gather_tensors(run.model, run.forget),
+        gather_tensors(run.model, retain_sample),
+        reset_fraction=hp["reset_fraction"],
+        random_fraction=hp["random_fraction"],
+        eps=hp["eps"],
+        reset_seed=request_seed(run.seed, forget_names),
+        **run.plan_kwargs(),
+    )
+    runner = run.fit(plan, run.retain)
+    return _with_history(dict(plan.reset_summary_ or {}), runner)
+
+
 def _keep_categories(data, model) -> None:
     """Give ``data``'s registered categorical columns the model's full category lists.
 
@@ -332,15 +377,30 @@ def _keep_categories(data, model) -> None:
             data.obs[column] = pd.Categorical(data.obs[column], categories=categories)
 
 
-def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
-    """Exact unlearning: the original recipe on the retained cells, loaded into the copy."""
+def _retained_data(run: UnlearningRun):
+    """A copy of the retained and validation cells only (the forget cells are not in it).
+
+    Returns the AnnData and the positions in it of the retained (train) and validation cells.
+    """
     model = run.model
     pool = np.union1d(run.retain, run.validation).astype(np.int64)
-    train_pos = np.searchsorted(pool, run.retain)
-    val_pos = np.searchsorted(pool, run.validation)
     data = model.adata[pool].copy()  # scvi-tools registers into it: never the user's object
     _keep_categories(data, model)
-    recipe = Recipe.from_model(model)
+    return data, np.searchsorted(pool, run.retain), np.searchsorted(pool, run.validation)
+
+
+def _load_fresh(run: UnlearningRun, fitted) -> None:
+    """Put a freshly trained model's weights and history into the run's model."""
+    run.model.module.load_state_dict(fitted.module.state_dict())
+    run.model.module.eval()
+    run.model.history_ = fitted.history_
+    run.model.trainer = getattr(fitted, "trainer", None)
+
+
+def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
+    """Exact unlearning: the original recipe on the retained cells, loaded into the copy."""
+    data, train_pos, val_pos = _retained_data(run)
+    recipe = Recipe.from_model(run.model)
     split_kwargs = dict(recipe.train_kwargs.get("datasplitter_kwargs") or {})
     # Same cells as the original's training and validation sets, minus the forget cells.
     split_kwargs["external_indexing"] = [train_pos, val_pos, np.zeros(0, np.int64)]
@@ -348,17 +408,65 @@ def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
     recipe.train_kwargs["max_epochs"] = run.max_epochs
     fitted = recipe.fit(
         data,
-        model_cls=type(model),
+        model_cls=type(run.model),
         seed=run.seed,
         accelerator=run.accelerator,
         devices=run.devices,
         enable_progress_bar=run.enable_progress_bar,
     )
-    model.module.load_state_dict(fitted.module.state_dict())
-    model.module.eval()
-    model.history_ = fitted.history_
-    model.trainer = getattr(fitted, "trainer", None)
+    _load_fresh(run, fitted)
     return {"epochs_run": int(run.max_epochs), "n_train": int(run.retain.size)}
+
+
+def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
+    """Exact unlearning on a budget: fresh weights, retained cells, one-cycle schedule."""
+    hp = run.hyperparameters
+    recipe = Recipe.from_model(run.model)
+    full_epochs = int(recipe.train_kwargs.get("max_epochs") or run.max_epochs)
+    epochs = run.max_epochs
+    plan_kwargs = dict(recipe.train_kwargs.get("plan_kwargs") or {})
+    # The KL warm-up keeps its place relative to training: the budgeted run ends at the same
+    # KL weight as the full recipe (scVI's default warm-up, 400 epochs, scales too).
+    warmup = plan_kwargs.get(
+        "n_epochs_kl_warmup", plan_defaults(TrainingPlan)["n_epochs_kl_warmup"]
+    )
+    if warmup:
+        plan_kwargs["n_epochs_kl_warmup"] = max(1, round(warmup * epochs / full_epochs))
+    peak_lr = hp["peak_lr"] or 3.0 * float(plan_kwargs.get("lr", 1e-3))
+    plan_kwargs.pop("lr", None)
+    data, train_pos, val_pos = _retained_data(run)
+    fresh = recipe.build(data, seed=run.seed, model_cls=type(run.model))
+    batch_size = int(recipe.train_kwargs.get("batch_size") or hp["batch_size"])
+    splitter = make_data_splitter(fresh, train_pos, val_pos, batch_size=batch_size)
+    plan = FastRetrainPlan(fresh.module, peak_lr=peak_lr, pct_start=hp["pct_start"], **plan_kwargs)
+    stopping = {}
+    if hp["early_stopping"] and val_pos.size:
+        stopping = {
+            "early_stopping": True,
+            "early_stopping_monitor": "elbo_validation",
+            "early_stopping_patience": max(3, epochs // 5),
+        }
+    runner = run_plan(
+        fresh,
+        plan,
+        splitter,
+        epochs,
+        accelerator=run.accelerator,
+        devices=run.devices,
+        enable_progress_bar=run.enable_progress_bar,
+        **stopping,
+    )
+    _load_fresh(run, fresh)
+    return {
+        "budget": epochs / full_epochs,
+        "full_epochs": full_epochs,
+        "epochs_run": int(runner.trainer.current_epoch),
+        "peak_lr": peak_lr,
+        "n_epochs_kl_warmup": plan_kwargs.get("n_epochs_kl_warmup"),
+        "early_stopping": bool(stopping),
+        "n_train": int(run.retain.size),
+        "n_validation": int(val_pos.size),
+    }
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -446,6 +554,44 @@ METHODS: dict[str, MethodSpec] = {
         description="SCRUB teacher-student (Kurmanji et al. 2023)",
         plan=SCRUBPlan,
     ),
+    "reset_relearn": MethodSpec(
+        "reset_relearn",
+        {
+            **_TRAINING,
+            "reset_fraction": Param(kind="float", low=0, high=1, doc="top share by saliency"),
+            "random_fraction": Param(kind="float", low=0, high=1, doc="random share"),
+            "eps": Param(kind="float", low=0, low_open=True),
+            "n_saliency_cells": Param(1024, "int", low=1, doc="retained cells for saliency"),
+            "relearn_budget": Param(
+                0.15, "float", low=0, high=1, low_open=True, doc="share of the recipe's epochs"
+            ),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=0,
+        run=_run_reset_relearn,
+        description="saliency-guided partial reset, then relearning on retained cells",
+        plan=ResetRelearnPlan,
+    ),
+    "retrain_fast": MethodSpec(
+        "retrain_fast",
+        {
+            "budget": Param(
+                0.25, "float", low=0, high=1, low_open=True, doc="share of the recipe's epochs"
+            ),
+            "peak_lr": Param(
+                None, "float", low=0, low_open=True, allow_none=True, doc="default: 3x recipe lr"
+            ),
+            "pct_start": Param(kind="float", low=0, high=1, low_open=True, high_open=True),
+            "early_stopping": Param(True, "bool", doc="on the retained validation ELBO"),
+            "batch_size": Param(128, "int", low=1, doc="used when the recipe names none"),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=0,
+        run=_run_retrain_fast,
+        description="exact: fresh weights on the retained cells, a reduced one-cycle budget",
+        plan=FastRetrainPlan,
+        exact=True,
+    ),
     "retrain": MethodSpec(
         "retrain",
         {},
@@ -453,6 +599,7 @@ METHODS: dict[str, MethodSpec] = {
         default_max_epochs=0,
         run=_run_retrain,
         description="exact: the original recipe on retained cells",
+        exact=True,
     ),
 }
 

@@ -1,0 +1,103 @@
+"""retrain_fast and reset_relearn: exact-on-a-budget and damage-then-relearn unlearning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scvi_unlearn as su
+import scvi_unlearn.train._methods as methods_module
+from scvi_unlearn.train._reset import reset_parameters_
+
+
+def _lira_auc(case, model) -> float:
+    """Online LiRA AUC of the forget cells against never-seen cells (the case's shadows)."""
+    report = case["mi"].audit(
+        model,
+        members=case["forget"],
+        nonmembers=case["nonmembers"],
+        attacks=("lira_online",),
+        n_bootstrap=20,
+    )
+    return report.results["lira_online"].auc
+
+
+@pytest.fixture(scope="module")
+def forget_case(overfit_case):
+    """30 of the over-fitted model's training cells to forget, 30 never-seen cells."""
+    train, held = overfit_case["train"], overfit_case["held"]
+    return {**overfit_case, "forget": train[:30], "nonmembers": held[:30]}
+
+
+def test_retrain_fast_never_sees_a_forget_cell_and_forgets(forget_case, monkeypatch):
+    model, forget = forget_case["model"], forget_case["forget"]
+    seen = {}
+    original_run_plan = methods_module.run_plan
+
+    def spy(fresh, plan, splitter, *args, **kwargs):
+        seen["cells"] = fresh.adata.obs_names.copy()
+        seen["train"] = fresh.adata.obs_names[np.asarray(splitter.external_indexing[0])].copy()
+        return original_run_plan(fresh, plan, splitter, *args, **kwargs)
+
+    monkeypatch.setattr(methods_module, "run_plan", spy)
+    out = model.unlearn(forget, method="retrain_fast", accelerator="cpu", seed=1)
+    forgotten = model.adata.obs_names[forget]
+    assert not seen["cells"].isin(forgotten).any()  # not even in the data it was given
+    retained = model.adata.obs_names[np.setdiff1d(forget_case["train"], forget)]
+    assert set(seen["train"]) == set(retained)
+    event = out.provenance["events"][-1]
+    full = model.train_kwargs_["max_epochs"]
+    assert event["max_epochs"] == int(np.ceil(0.25 * full))
+    assert event["metrics"]["budget"] == pytest.approx(event["max_epochs"] / full)
+    # scVI's 400-epoch default warm-up scaled with the budget
+    assert event["metrics"]["n_epochs_kl_warmup"] == round(400 * event["max_epochs"] / full)
+    before, after = _lira_auc(forget_case, model), _lira_auc(forget_case, out)
+    assert before > 0.75
+    assert abs(after - 0.5) < abs(before - 0.5) - 0.15, (before, after)
+
+
+def test_retrain_fast_budget_and_max_epochs(forget_case):
+    model, forget = forget_case["model"], forget_case["forget"]
+    out = model.unlearn(
+        forget, method="retrain_fast", budget=0.1, accelerator="cpu", enable_progress_bar=False
+    )
+    assert out.provenance["events"][-1]["max_epochs"] == 30  # 10% of 300
+    with pytest.raises(ValueError, match="budget"):
+        model.unlearn(forget, method="retrain_fast", budget=0.0)
+
+
+def test_reset_masks_reset_the_intended_share_of_each_tensor(small_model):
+    module = su.model.clone_model(small_model).module
+    gen = torch.Generator().manual_seed(0)
+    saliency = {n: torch.rand(p.shape, generator=gen) for n, p in module.named_parameters()}
+    masks = su.train.reset_masks(saliency, 0.3, 0.05, torch.Generator().manual_seed(1))
+    for name, mask in masks.items():
+        n = mask.numel()
+        n_top = round(0.3 * n)
+        assert int(mask.sum()) == n_top + min(round(0.05 * n), n - n_top), name
+        if n_top:  # the top share by saliency is inside the mask
+            assert mask.flatten()[torch.topk(saliency[name].flatten(), n_top).indices].all()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    reset_parameters_(module, masks, seed=0)
+    for name, param in module.named_parameters():
+        changed = param.detach() != before[name]
+        assert not (changed & ~masks[name]).any(), name  # nothing outside the mask moves
+        if param.dim() == 2:  # randomly initialised weights: the reset entries get new values
+            assert changed.sum() >= 0.9 * masks[name].sum(), name
+
+
+def test_reset_relearn_forgets_and_draws_anew_per_request(forget_case):
+    model, forget = forget_case["model"], forget_case["forget"]
+    out = model.unlearn(forget, method="reset_relearn", accelerator="cpu", seed=0)
+    event = out.provenance["events"][-1]
+    assert event["max_epochs"] == int(np.ceil(0.15 * model.train_kwargs_["max_epochs"]))
+    assert event["metrics"]["share_reset"] == pytest.approx(0.35, abs=0.01)
+    before, after = _lira_auc(forget_case, model), _lira_auc(forget_case, out)
+    assert after < before - 0.1, (before, after)
+    other = model.unlearn(
+        forget_case["train"][30:60], method="reset_relearn", accelerator="cpu", max_epochs=1
+    )
+    assert (
+        other.provenance["events"][-1]["metrics"]["reset_seed"] != event["metrics"]["reset_seed"]
+    )
