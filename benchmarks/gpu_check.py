@@ -48,6 +48,8 @@ METHODS = (
     "finetune",
     "gradient_ascent",
     "scrub",
+    "reset_relearn",
+    "retrain_fast",
     "retrain",
 )
 

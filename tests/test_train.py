@@ -91,7 +91,7 @@ def test_fisher_plan_noise_follows_inverse_fisher(small_model):
     # the realised noise, divided by its predicted std, is standard normal
     assert abs(z.mean().item()) < 0.05
     assert z.std().item() == pytest.approx(1.0, abs=0.05)
-    assert plan.scrub_summary_["n_fisher_cells"] == 64
+    assert plan.edit_summary_["n_fisher_cells"] == 64
 
 
 # -- critics and the game ------------------------------------------------------------------

@@ -165,14 +165,26 @@ class UnlearningTrainingPlan(TrainingPlan):
         self.held: dict[str, Tensors | None] = dict(held or {})
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
+        #: Summary of :meth:`edit_weights` once it has run (at the first fit start).
+        self.edit_summary_: dict[str, Any] | None = None
 
     def on_fit_start(self) -> None:
-        """Train mode, held tensors on the plan's device, the plan's generator seeded."""
+        """Train mode, held tensors on the device, the generator seeded, weights edited once."""
         # A trained scvi-tools module is left in eval mode and Lightning keeps each
         # submodule's mode: without this, dropout and batch-norm statistics would be off.
         self.module.train()
         self.held = {k: to_device(v, self.device) for k, v in self.held.items()}
         self._generator = torch.Generator().manual_seed(self.seed)
+        if self.edit_summary_ is None:
+            self.edit_summary_ = self.edit_weights()
+
+    def edit_weights(self) -> dict[str, Any]:
+        """Change the weights once before the first epoch (scrub, reset, ...); a summary.
+
+        Runs on the training device with the held tensors in place. The base plan edits
+        nothing; plans that do override this.
+        """
+        return {}
 
     def on_fit_end(self) -> None:
         """Release the held tensors (the trainer, kept by the model, references the plan)."""

@@ -243,13 +243,10 @@ class FisherScrubbingPlan(UnlearningTrainingPlan):
         self.ssd = bool(ssd)
         self.selection_weight, self.dampening = float(selection_weight), float(dampening)
         self.fisher_batch_size = int(fisher_batch_size)
-        self.scrub_summary_: dict[str, Any] | None = None
 
-    def on_fit_start(self) -> None:
-        """Scrub the module (once) before any fine-tuning."""
-        super().on_fit_start()
-        if self.scrub_summary_ is None:
-            self.scrub_summary_ = self.scrub()
+    def edit_weights(self) -> dict[str, Any]:
+        """Scrub the module (once, before any fine-tuning epoch)."""
+        return self.scrub()
 
     def scrub(self) -> dict[str, Any]:
         """Estimate the Fisher(s) and modify the parameters; return a summary."""

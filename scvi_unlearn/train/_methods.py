@@ -307,7 +307,7 @@ def _run_fisher(run: UnlearningRun) -> dict[str, Any]:
         **run.plan_kwargs(),
     )
     runner = run.fit(plan, run.retain, max_epochs=run.max_epochs)
-    return _with_history(dict(plan.scrub_summary_ or {}), runner)
+    return _with_history(dict(plan.edit_summary_ or {}), runner)
 
 
 def _run_finetune(run: UnlearningRun) -> dict[str, Any]:
@@ -357,7 +357,7 @@ def _run_reset_relearn(run: UnlearningRun) -> dict[str, Any]:
         **run.plan_kwargs(),
     )
     runner = run.fit(plan, run.retain)
-    return _with_history(dict(plan.reset_summary_ or {}), runner)
+    return _with_history(dict(plan.edit_summary_ or {}), runner)
 
 
 def _keep_categories(data, model) -> None:

@@ -159,13 +159,10 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
         self.eps = float(eps)
         self.reset_seed = int(reset_seed)
         self.chunk_size = int(chunk_size)
-        self.reset_summary_: dict[str, Any] | None = None
 
-    def on_fit_start(self) -> None:
-        """Reset (once) before relearning."""
-        super().on_fit_start()
-        if self.reset_summary_ is None:
-            self.reset_summary_ = self.reset()
+    def edit_weights(self) -> dict[str, Any]:
+        """Reset the chosen weights (once, before relearning)."""
+        return self.reset()
 
     def reset(self) -> dict[str, Any]:
         """Compute the saliency, reset the chosen weights; return a summary."""
