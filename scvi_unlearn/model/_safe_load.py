@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
+from pandas._libs import arrays as pandas_arrays
 from pandas._libs.internals import _unpickle_block
 from pandas.core.indexes.base import _new_Index
 from pandas.core.internals.managers import BlockManager
@@ -66,7 +67,25 @@ def _allowed_by_name() -> dict[str, object]:
             allowed["numpy.core." + key[len("numpy._core.") :]] = allowed[key]
         if key.startswith("builtins."):  # pickle protocol 2 spells it the Python 2 way
             allowed["__builtin__." + key[len("builtins.") :]] = allowed[key]
+    allowed.update(_pandas_string_containers())
     return allowed
+
+
+def _pandas_string_containers() -> dict[str, object]:
+    """Pandas >= 3 stores string indices (training-history columns) as ``StringArray``.
+
+    They pickle through ``pandas._libs.arrays.__pyx_unpickle_NDArrayBacked(cls, ...)``, which
+    only rebuilds an instance of ``cls`` (resolved through this same allow-list) from its
+    state: no other callable runs. Names are the ones pickle writes; absent on older pandas.
+    """
+    candidates = {
+        "pandas.StringDtype": getattr(pd, "StringDtype", None),
+        "pandas.arrays.StringArray": getattr(getattr(pd, "arrays", None), "StringArray", None),
+        "pandas._libs.arrays.__pyx_unpickle_NDArrayBacked": getattr(
+            pandas_arrays, "__pyx_unpickle_NDArrayBacked", None
+        ),
+    }
+    return {name: obj for name, obj in candidates.items() if obj is not None}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
