@@ -362,8 +362,8 @@ class MembershipInference:
         """The attack on the same contrast under models that never trained on the cells.
 
         Returns the per-model AUCs, a description, and the reference interval: mean ± 2 SD
-        over three or more reference models (the retrain band of METHODS), otherwise the
-        pooled AUC's bootstrap interval (OUT shadow models, or one or two reference models).
+        over three or more reference models (the retrain band, :ref:`methods-metrics`), otherwise
+        the pooled AUC's bootstrap interval (OUT shadow models, or one or two reference models).
         """
         pairs = []
         if refs:

@@ -57,7 +57,8 @@ class UnlearningMixin:
         method
             One of :data:`scvi_unlearn.train.METHODS`: ``"extragradient"`` (default),
             ``"frozen_critic"``, ``"fisher"``, ``"ssd"``, ``"finetune"``,
-            ``"gradient_ascent"``, ``"scrub"`` or ``"retrain"`` (exact).
+            ``"gradient_ascent"``, ``"scrub"``, ``"reset_relearn"``, or the exact
+            ``"retrain_fast"`` and ``"retrain"`` (see :ref:`methods-unlearning`).
         nonmembers
             Cells of the same population the model never trained on (positions, mask or obs
             names of ``self.adata``), for the adversarial methods and ``audit=True``. If
