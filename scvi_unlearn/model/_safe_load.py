@@ -9,6 +9,7 @@ which runs whatever a (possibly tampered) pickle asks for. We load with
 from __future__ import annotations
 
 import collections
+import importlib
 import pickle
 import types
 from typing import TYPE_CHECKING
@@ -68,7 +69,39 @@ def _allowed_by_name() -> dict[str, object]:
         if key.startswith("builtins."):  # pickle protocol 2 spells it the Python 2 way
             allowed["__builtin__." + key[len("builtins.") :]] = allowed[key]
     allowed.update(_pandas_string_containers())
+    # pandas 2 pickles classes under their defining modules, pandas 3 under ``pandas``: a file
+    # written with either must load with both. An alias is kept only if it resolves to an
+    # object that is allowed anyway, so aliases cannot widen what may be built.
+    allowed_ids = {id(obj) for obj in allowed.values()}
+    for alias in _PANDAS_ALIASES:
+        module, _, name = alias.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if id(obj) in allowed_ids:
+            allowed[alias] = obj
     return allowed
+
+
+_PANDAS_ALIASES = (
+    "pandas.DataFrame",
+    "pandas.Series",
+    "pandas.Index",
+    "pandas.RangeIndex",
+    "pandas.Categorical",
+    "pandas.CategoricalDtype",
+    "pandas.StringDtype",
+    "pandas.arrays.StringArray",
+    "pandas.core.frame.DataFrame",
+    "pandas.core.series.Series",
+    "pandas.core.indexes.base.Index",
+    "pandas.core.indexes.range.RangeIndex",
+    "pandas.core.arrays.categorical.Categorical",
+    "pandas.core.dtypes.dtypes.CategoricalDtype",
+    "pandas.core.arrays.string_.StringDtype",
+    "pandas.core.arrays.string_.StringArray",
+)
 
 
 def _pandas_string_containers() -> dict[str, object]:
