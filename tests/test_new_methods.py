@@ -101,3 +101,19 @@ def test_reset_relearn_forgets_and_draws_anew_per_request(forget_case):
     assert (
         other.provenance["events"][-1]["metrics"]["reset_seed"] != event["metrics"]["reset_seed"]
     )
+
+
+@pytest.mark.parametrize("method", ["retrain_fast", "finetune"])
+def test_a_single_cell_last_minibatch_is_dropped_not_fatal(method):
+    """131 trained cells minus 2 forgotten = 2 x 64 + 1: batch norm cannot train on 1 cell."""
+    adata = su.data.synthetic_pbmc(n_cells=200, n_genes=40, seed=1)
+    recipe = su.Recipe(
+        model_kwargs={"n_latent": 3, "n_hidden": 16},
+        train_kwargs={"max_epochs": 3, "train_size": 1.0, "batch_size": 64},
+    )
+    model = recipe.fit_cells(adata, np.arange(131), accelerator="cpu", enable_progress_bar=False)
+    extra = {} if method == "retrain_fast" else {"batch_size": 64}
+    out = model.unlearn(
+        [0, 1], method=method, max_epochs=2, accelerator="cpu", enable_progress_bar=False, **extra
+    )
+    assert len(out.train_indices) == 129

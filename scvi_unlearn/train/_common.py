@@ -233,6 +233,9 @@ def make_data_splitter(
         model.adata_manager,
         external_indexing=[train_idx, val_idx, rest],
         batch_size=batch_size,
+        # A last minibatch of one cell cannot pass batch norm in train mode (the same guard
+        # as Recipe.fit's): drop it, a different cell each epoch as batches are shuffled.
+        drop_last=bool(train_idx.size % batch_size == 1),
     )
 
 
