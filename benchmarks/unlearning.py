@@ -121,18 +121,13 @@ def make_split(adata, dataset: str, forget_type: str, seed: int):
 
 
 def retrain_band(aucs: list[float], cis: list[tuple[float, float]]) -> tuple[float, float]:
-    """The LiRA AUCs a retrain model gives on these reporting cells: mean ± 2 SD.
+    """The LiRA AUCs a retrain model gives on these reporting cells.
 
-    The SD folds together the spread over retrain seeds and the sampling error of an AUC
-    measured on so few cells (each seed's bootstrap SE, from its 95% CI), so a tiny reporting
-    set (pbmc3k has 5 + 5 Platelets) cannot give a zero-width band when the seeds tie.
+    The library's one band rule, :func:`scvi_unlearn.audit.reference_band`: mean ± 2 SD, the
+    SD folding together the spread over retrain seeds and the sampling error of an AUC measured
+    on so few cells (each seed's bootstrap SE, from its 95% CI).
     """
-    aucs = np.asarray(aucs, dtype=float)
-    se = np.array([(high - low) / (2 * 1.96) for low, high in cis], dtype=float)
-    seed_var = float(np.var(aucs, ddof=1)) if aucs.size >= 2 else 0.0
-    half = 2 * float(np.sqrt(seed_var + np.mean(se**2)))
-    mean = float(np.mean(aucs))
-    return max(0.0, mean - half), min(1.0, mean + half)
+    return su.audit.reference_band(aucs, cis)
 
 
 def select_fisher_alpha(target, split, select, ref, unlearn_kwargs) -> dict:

@@ -1,15 +1,36 @@
 """Membership-inference audits of fitted scVI models."""
 
+from scvi_unlearn._verdict import (
+    BELOW_REFERENCE,
+    LEAK,
+    MAX_DETECTABLE_AUC,
+    NO_EVIDENCE,
+    UNDERPOWERED,
+    VERDICTS,
+    auc_null_se,
+    auc_se,
+    combine_verdicts,
+    detectable_auc,
+    family_level,
+    judge,
+    reference_band,
+)
 from scvi_unlearn.audit._attacks import (
     ATTACKS,
     cv_classifier_scores,
     fit_shadow_classifier,
     lira_scores,
     loss_scores,
+    rmia_scores,
 )
 from scvi_unlearn.audit._features import attack_features
 from scvi_unlearn.audit._membership import DEFAULT_N_SHADOWS, MembershipInference
-from scvi_unlearn.audit._metrics import auc_from_scores, bootstrap_metrics, tpr_at_fpr
+from scvi_unlearn.audit._metrics import (
+    auc_from_scores,
+    bootstrap_metrics,
+    pooled_reference_interval,
+    tpr_at_fpr,
+)
 from scvi_unlearn.audit._report import AttackResult, AuditReport
 from scvi_unlearn.audit._shadows import ShadowPool, balanced_membership, default_cache_dir
 
@@ -18,23 +39,38 @@ from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES, feature_matrix, p
 
 __all__ = [
     "ATTACKS",
+    "BELOW_REFERENCE",
     "DEFAULT_N_SHADOWS",
+    "LEAK",
     "LOSS_FEATURE",
+    "MAX_DETECTABLE_AUC",
+    "NO_EVIDENCE",
     "SCALAR_FEATURES",
+    "UNDERPOWERED",
+    "VERDICTS",
     "AttackResult",
     "AuditReport",
     "MembershipInference",
     "ShadowPool",
     "attack_features",
     "auc_from_scores",
+    "auc_null_se",
+    "auc_se",
     "balanced_membership",
     "bootstrap_metrics",
+    "combine_verdicts",
     "cv_classifier_scores",
     "default_cache_dir",
+    "detectable_auc",
+    "family_level",
     "feature_matrix",
     "fit_shadow_classifier",
+    "judge",
     "lira_scores",
     "loss_scores",
     "per_cell_loss_terms",
+    "pooled_reference_interval",
+    "reference_band",
+    "rmia_scores",
     "tpr_at_fpr",
 ]

@@ -6,6 +6,9 @@ labels they are scored against:
 - ``loss``: loss threshold (Yeom et al. 2018), no fitting at all;
 - ``lira_online`` / ``lira_offline``: likelihood-ratio attack (Carlini et al. 2022), fitted on
   shadow models only;
+- ``rmia``: the relative membership-inference attack (Zarifzadeh et al. 2024), offline: each
+  cell's likelihood ratio against the OUT reference models, compared pairwise with population
+  cells;
 - ``shadow_classifier``: a classifier of shadow IN vs OUT features (Shokri et al. 2017),
   fitted on shadow models only;
 - ``cv_classifier``: a classifier fitted against the audited model itself, scored out of fold
@@ -15,6 +18,7 @@ labels they are scored against:
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -24,10 +28,11 @@ ATTACKS: tuple[str, ...] = (
     "loss",
     "lira_online",
     "lira_offline",
+    "rmia",
     "shadow_classifier",
     "cv_classifier",
 )
-SHADOW_ATTACKS = frozenset({"lira_online", "lira_offline", "shadow_classifier"})
+SHADOW_ATTACKS = frozenset({"lira_online", "lira_offline", "rmia", "shadow_classifier"})
 _LOG_2PI = np.log(2.0 * np.pi)
 
 
@@ -101,6 +106,72 @@ def lira_scores(
     mu_in, sd_in, n_in = _masked_moments(values, in_mask, fix_variance)
     score = _gaussian_logpdf(x, mu_in, sd_in) - _gaussian_logpdf(x, mu_out, sd_out)
     return np.where((n_in > 0) & (n_out > 0), score, np.nan)
+
+
+def rmia_scores(
+    target_loss: np.ndarray,
+    shadow_loss: np.ndarray,
+    in_mask: np.ndarray,
+    population: np.ndarray,
+    gamma: float = 1.0,
+    online: bool = False,
+) -> np.ndarray:
+    """Relative membership-inference scores (RMIA; Zarifzadeh et al., ICML 2024).
+
+    With ``log Pr(x | model) = -loss(x)`` (the per-cell negative ELBO), each cell's likelihood
+    ratio is ``LR(x) = Pr(x | target) / Pr(x)``, where ``Pr(x)`` is the mean of
+    ``Pr(x | reference)`` over the reference (shadow) models that did not train on ``x``
+    (offline) or over all of them (online). The score of ``x`` is the fraction of population
+    cells ``z`` with ``LR(x) / LR(z) > gamma``: how much more ``x`` gains from the target than
+    typical non-members do. The paper's offline correction ``Pr(x) = ((1 + a) Pr_OUT(x) +
+    1 - a) / 2`` assumes probabilities in [0, 1]; for densities it is taken with ``a = 1``.
+    Means of likelihoods are computed in log space (``logsumexp``), since per-cell
+    likelihoods are far below floating-point range.
+
+    Parameters
+    ----------
+    target_loss
+        ``(n_cells,)`` loss of each cell under the audited model.
+    shadow_loss
+        ``(n_shadows, n_cells)`` the same loss under each reference model.
+    in_mask
+        ``(n_shadows, n_cells)`` whether each reference model trained on each cell.
+    population
+        Boolean mask (``n_cells``) or positions of the population cells ``z``: cells known not
+        to be the target's training cells (the audit uses its non-members).
+    gamma
+        Threshold on the pairwise ratio; 1 in the paper's offline setting.
+    online
+        Average over all reference models instead of the OUT ones only.
+
+    Returns
+    -------
+    ``(n_cells,)`` scores in [0, 1], higher = more member-like; NaN where a cell (or every
+    population cell) has no OUT reference model.
+
+    Examples
+    --------
+    >>> shadow = np.array([[3.0, 3.0, 3.0, 3.0], [3.1, 2.9, 3.0, 3.0]])
+    >>> inside = np.zeros((2, 4), bool)
+    >>> s = rmia_scores(np.array([1.0, 3.0, 3.1, 2.9]), shadow, inside, np.array([2, 3]))
+    >>> s.tolist()
+    [1.0, 0.5, 0.0, 0.5]
+    """
+    x = -np.asarray(target_loss, dtype=float)
+    values = -np.asarray(shadow_loss, dtype=float)
+    use = np.ones_like(in_mask, dtype=bool) if online else ~np.asarray(in_mask, dtype=bool)
+    count = use.sum(0)
+    with np.errstate(divide="ignore"):
+        log_px = logsumexp(values, axis=0, b=use.astype(float)) - np.log(np.maximum(count, 1))
+    log_lr = np.where(count > 0, x - log_px, np.nan)
+    pop_lr = log_lr[np.asarray(population)]
+    pop_lr = pop_lr[np.isfinite(pop_lr)]
+    if pop_lr.size == 0:
+        return np.full(x.shape, np.nan)
+    # Fraction of z with log LR(x) - log LR(z) > log gamma, via a sorted search (no n x m).
+    pop_lr = np.sort(pop_lr)
+    below = np.searchsorted(pop_lr, log_lr - np.log(gamma), side="left")
+    return np.where(np.isfinite(log_lr), below / pop_lr.size, np.nan)
 
 
 def fit_shadow_classifier(

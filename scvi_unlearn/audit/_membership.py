@@ -18,6 +18,7 @@ from scvi_unlearn._validation import (
     check_genes_match,
     check_trained,
 )
+from scvi_unlearn._verdict import MIN_MODELS_FOR_SPREAD, reference_band
 from scvi_unlearn.audit._attacks import (
     ATTACKS,
     SHADOW_ATTACKS,
@@ -25,9 +26,15 @@ from scvi_unlearn.audit._attacks import (
     fit_shadow_classifier,
     lira_scores,
     loss_scores,
+    rmia_scores,
 )
 from scvi_unlearn.audit._features import attack_features
-from scvi_unlearn.audit._metrics import auc_from_scores, pooled_reference_interval
+from scvi_unlearn.audit._metrics import (
+    auc_from_scores,
+    bootstrap_metrics,
+    percentile_ci,
+    pooled_reference_interval,
+)
 from scvi_unlearn.audit._report import AuditReport, score_attack
 from scvi_unlearn.audit._shadows import ShadowPool, default_cache_dir, train_shadow_pool
 from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES
@@ -210,18 +217,19 @@ class MembershipInference:
         is_member = np.r_[np.ones(members_idx.size, bool), np.zeros(nonmembers_idx.size, bool)]
         feats = self._features(model, cells)
         refs = [self._features(m, cells) for m in reference_models or []]
-        results = {}
+        scored = {}
         skipped = {}
         for attack in attacks:
             try:
                 scores = self._scores(attack, feats, cells, is_member)
-                ref_aucs, source, interval = self._reference(
-                    attack, refs, cells, is_member, n_bootstrap
+                scored[attack] = (
+                    scores,
+                    *self._reference(attack, refs, cells, is_member, n_bootstrap),
                 )
             except ValueError as exc:
                 skipped[attack] = str(exc)
-                continue
-            results[attack] = score_attack(
+        results = {
+            attack: score_attack(
                 attack,
                 scores[is_member],
                 scores[~is_member],
@@ -230,7 +238,10 @@ class MembershipInference:
                 n_bootstrap=n_bootstrap,
                 seed=self.seed,
                 reference_interval=interval,
+                n_attacks=len(scored),
             )
+            for attack, (scores, ref_aucs, source, interval) in scored.items()
+        }
         if not results:
             raise ValueError(f"No attack could be run: {skipped}")
         metadata = {
@@ -325,6 +336,16 @@ class MembershipInference:
             keep[exclude] = False
         shadow_feats = shadows.features[keep][:, cells]
         in_mask = shadows.in_mask[keep][:, cells]
+        if attack == "rmia":
+            scores = rmia_scores(
+                feats[:, _LOSS_COL], shadow_feats[..., _LOSS_COL], in_mask, population=~is_member
+            )
+            if np.isnan(scores).any():
+                raise ValueError(
+                    f"rmia needs an OUT reference model for every audited cell; "
+                    f"{int(np.isnan(scores).sum())} cells lack one (add shadows)."
+                )
+            return scores
         if attack in ("lira_online", "lira_offline"):
             scores = lira_scores(
                 feats[:, _LOSS_COL],
@@ -361,9 +382,10 @@ class MembershipInference:
     def _reference(self, attack, refs, cells, is_member, n_bootstrap):
         """The attack on the same contrast under models that never trained on the cells.
 
-        Returns the per-model AUCs, a description, and the reference interval: mean ± 2 SD
-        over three or more reference models (the retrain band, :ref:`methods-metrics`), otherwise
-        the pooled AUC's bootstrap interval (OUT shadow models, or one or two reference models).
+        Returns the per-model AUCs, a description, and the reference band
+        (:func:`~scvi_unlearn.audit.reference_band`): the spread over three or more reference
+        models (the retrain band), otherwise the pooled AUC's bootstrap interval (OUT shadow
+        models, or one or two reference models).
         """
         pairs = []
         if refs:
@@ -377,13 +399,16 @@ class MembershipInference:
         if not pairs:
             return [], "", None
         aucs = [float(auc_from_scores(m, n)) for m, n in pairs]
-        if refs and len(refs) >= 3:
-            mean, sd = float(np.mean(aucs)), float(np.std(aucs, ddof=1))
-            return aucs, source, (max(mean - 2 * sd, 0.0), min(mean + 2 * sd, 1.0))
+        if refs and len(refs) >= MIN_MODELS_FOR_SPREAD:
+            cis = [
+                percentile_ci(bootstrap_metrics(m, n, n_bootstrap, self.seed, fprs=())["auc"])
+                for m, n in pairs
+            ]
+            return aucs, source, reference_band(aucs, cis)
         _, low, high = pooled_reference_interval(
             [m for m, _ in pairs], [n for _, n in pairs], n_bootstrap=n_bootstrap, seed=self.seed
         )
-        return aucs, source, (low, high)
+        return aucs, source, reference_band([], pooled_interval=(low, high))
 
     def _shadow_reference_scores(self, attack, cells, is_member) -> list:
         """The attack's scores when membership is absent.

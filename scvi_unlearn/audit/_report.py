@@ -10,6 +10,18 @@ import numpy as np
 import pandas as pd
 
 from scvi_unlearn._utils import to_jsonable
+from scvi_unlearn._verdict import (
+    BELOW_REFERENCE,
+    LEAK,
+    MAX_DETECTABLE_AUC,
+    NO_EVIDENCE,
+    UNDERPOWERED,
+    combine_verdicts,
+    detectable_auc,
+    family_level,
+    judge,
+    reference_band,
+)
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
     bootstrap_metrics,
@@ -18,9 +30,8 @@ from scvi_unlearn.audit._metrics import (
 )
 from scvi_unlearn.pl import roc_curves
 
-LEAK = "leak"
-NO_EVIDENCE = "no evidence of leak"
-BELOW_REFERENCE = "below reference"
+#: FPRs at which every report states the TPR (where its non-members can measure it).
+LOW_FPRS = (0.01, 0.001)
 
 
 @dataclass
@@ -29,7 +40,9 @@ class AttackResult:
 
     ``reference_aucs`` are the same attack's AUCs on the same contrast (audited members vs
     non-members) under models that never trained on either set; their band is what the audited
-    model is compared with, not 0.5.
+    model is compared with, not 0.5. ``detectable_auc`` is the smallest AUC this audit would
+    have called a leak (80% power, :func:`~scvi_unlearn.audit.detectable_auc`); a TPR at an FPR
+    below ``1 / n_nonmembers`` is NaN: that few non-members cannot measure it.
     """
 
     attack: str
@@ -47,23 +60,39 @@ class AttackResult:
     reference_source: str = ""
     verdict: str = NO_EVIDENCE
     reference_interval: tuple[float, float] | None = None
+    detectable_auc: float = float("nan")
+    auc_ci_family: tuple[float, float] | None = None
+    family_verdict: str | None = None
+
+    @property
+    def n_members(self) -> int:
+        return len(self.member_scores)
+
+    @property
+    def n_nonmembers(self) -> int:
+        return len(self.nonmember_scores)
+
+    @property
+    def min_measurable_fpr(self) -> float:
+        """The smallest FPR these non-members can measure, ``1 / n_nonmembers``."""
+        return 1.0 / max(self.n_nonmembers, 1)
+
+    @property
+    def ci_half_width(self) -> float:
+        """Half the width of the AUC's 95% CI."""
+        return float(self.auc_ci[1] - self.auc_ci[0]) / 2.0
 
     @property
     def reference_band(self) -> tuple[float, float]:
         """The range of AUCs expected from models that never trained on the audited cells.
 
-        The interval computed by the audit when given (pooled reference AUC's 95% bootstrap
-        interval, or mean ± 2 SD over three or more reference models); otherwise mean ± 2 SD of
-        ``reference_aucs``; within [0, 1]; NaN if there is no reference.
+        The interval computed by the audit when given, otherwise
+        :func:`~scvi_unlearn.audit.reference_band` of ``reference_aucs``; NaN if there is no
+        reference.
         """
         if self.reference_interval is not None:
             return (float(self.reference_interval[0]), float(self.reference_interval[1]))
-        ref = np.asarray(self.reference_aucs, dtype=float)
-        ref = ref[np.isfinite(ref)]
-        if ref.size == 0:
-            return (float("nan"), float("nan"))
-        sd = ref.std(ddof=1) if ref.size > 1 else 0.0
-        return (float(max(ref.mean() - 2 * sd, 0.0)), float(min(ref.mean() + 2 * sd, 1.0)))
+        return reference_band(self.reference_aucs)
 
     @property
     def excess(self) -> float:
@@ -81,12 +110,23 @@ def score_attack(
     n_bootstrap: int = 1000,
     seed: int = 0,
     reference_interval: tuple[float, float] | None = None,
+    n_attacks: int = 1,
 ) -> AttackResult:
-    """Compute the metrics, bootstrap CIs and verdict of one attack."""
+    """Compute the metrics, bootstrap CIs, power and verdicts of one attack.
+
+    ``n_attacks`` is how many attacks the overall verdict combines: this attack's
+    ``family_verdict`` is judged on its CI at :func:`~scvi_unlearn.audit.family_level`.
+    """
     m = np.asarray(member_scores, dtype=float)
     n = np.asarray(nonmember_scores, dtype=float)
-    boot = bootstrap_metrics(m, n, n_bootstrap=n_bootstrap, seed=seed)
+    boot = bootstrap_metrics(m, n, n_bootstrap=n_bootstrap, seed=seed, fprs=LOW_FPRS)
     auc = float(auc_from_scores(m, n))
+    tprs = {}
+    for fpr in LOW_FPRS:
+        if fpr * n.size < 1:  # fewer than 1 / fpr non-members: not measurable
+            tprs[fpr] = (float("nan"), (float("nan"), float("nan")))
+        else:
+            tprs[fpr] = (float(tpr_at_fpr(m, n, fpr)), percentile_ci(boot[f"tpr@{fpr:g}"]))
     result = AttackResult(
         attack=attack,
         member_scores=m.tolist(),
@@ -95,27 +135,21 @@ def score_attack(
         auc_ci=percentile_ci(boot["auc"]),
         advantage=2 * abs(auc - 0.5),
         advantage_ci=percentile_ci(2 * np.abs(boot["auc"] - 0.5)),
-        tpr_at_1pct_fpr=float(tpr_at_fpr(m, n, 0.01)),
-        tpr_at_1pct_fpr_ci=percentile_ci(boot["tpr@0.01"]),
-        tpr_at_01pct_fpr=float(tpr_at_fpr(m, n, 0.001)),
-        tpr_at_01pct_fpr_ci=percentile_ci(boot["tpr@0.001"]),
+        tpr_at_1pct_fpr=tprs[0.01][0],
+        tpr_at_1pct_fpr_ci=tprs[0.01][1],
+        tpr_at_01pct_fpr=tprs[0.001][0],
+        tpr_at_01pct_fpr_ci=tprs[0.001][1],
         reference_aucs=[float(a) for a in reference_aucs],
         reference_source=reference_source,
         reference_interval=reference_interval,
+        auc_ci_family=percentile_ci(boot["auc"], level=family_level(n_attacks)),
     )
-    result.verdict = _attack_verdict(result)
+    band = result.reference_band
+    top = band[1] if np.isfinite(band[1]) else 0.5
+    result.detectable_auc = detectable_auc(m.size, n.size, reference=max(top, 0.5))
+    result.verdict = judge(result.auc_ci, band, result.detectable_auc)
+    result.family_verdict = judge(result.auc_ci_family, band, result.detectable_auc)
     return result
-
-
-def _attack_verdict(result: AttackResult) -> str:
-    low, high = result.reference_band
-    if np.isnan(low):  # no reference models: fall back to chance
-        low = high = 0.5
-    if result.auc_ci[0] > high:
-        return LEAK
-    if result.auc_ci[1] < low:
-        return BELOW_REFERENCE
-    return NO_EVIDENCE
 
 
 @dataclass
@@ -141,18 +175,21 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        """``"leak"``, ``"no evidence of leak"`` or ``"below reference"`` for the strongest attack.
+        """``"leak"``, ``"below reference"``, ``"underpowered"`` or ``"no evidence of leak"``.
 
-        If no attack exceeds its reference but one lies clearly below it, the report says
-        ``"below reference"``: the members look *less* like training data than cells the model
-        never saw, which is itself detectable (a "Streisand effect" of over-unlearning).
+        :func:`~scvi_unlearn.audit.combine_verdicts` of the attacks' family verdicts: each
+        attack judged on its CI at ``1 - 0.05 / n_attacks`` (Bonferroni), so that running more
+        attacks does not raise the chance of a false leak. "Below reference" means the members
+        look *less* like training data than cells the model never saw, which is itself
+        detectable (a "Streisand effect" of over-unlearning); "underpowered" means that even a
+        large leak could not have been seen with this many cells.
         """
-        verdicts = [r.verdict for r in self.results.values()]
-        if LEAK in verdicts:
-            return LEAK
-        if BELOW_REFERENCE in verdicts:
-            return BELOW_REFERENCE
-        return NO_EVIDENCE
+        return combine_verdicts([_family_verdict(r) for r in self.results.values()])
+
+    @property
+    def detectable_auc(self) -> float:
+        """The smallest AUC the best-placed attack could have detected (see ``judge``)."""
+        return float(min(r.detectable_auc for r in self.results.values()))
 
     def explain(self) -> str:
         """The verdict in plain language."""
@@ -183,11 +220,24 @@ class AuditReport:
                 f"BELOW REFERENCE: the members look less like training data than never-seen cells "
                 f"({stats}; {ref}). This over-correction is itself detectable."
             )
+        power = (
+            f"At these sizes the audit would have caught an AUC of {r.detectable_auc:.2f} or more "
+            f"(80% power; 95% CI half-width {r.ci_half_width:.3f})"
+            if np.isfinite(r.detectable_auc)
+            else "At these sizes no AUC up to 1 would have been detected reliably"
+        )
+        if self.verdict == UNDERPOWERED:
+            return (
+                f"UNDERPOWERED: the strongest attack ({stats}, {n}) stays within what "
+                f"{ref.split(' (')[0] if not np.isnan(low) else 'chance gives'}, but that says "
+                f"little. {power}, above the {MAX_DETECTABLE_AUC:g} an audit must be able to see. "
+                "Audit more cells (more forgotten cells or more never-seen non-members, e.g. "
+                "`nonmembers=` / `--nonmembers`)."
+            )
         return (
             f"NO EVIDENCE OF LEAK: the strongest attack ({stats}, {n}) stays within what "
-            f"{ref.split(' (')[0] if not np.isnan(low) else 'chance gives'}. This does not prove "
-            "that no information remains: it bounds what these attacks can detect with this many "
-            "cells (see the CI width)."
+            f"{ref.split(' (')[0] if not np.isnan(low) else 'chance gives'}. {power}. This "
+            "does not prove that no information remains: it bounds what these attacks detect."
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -216,7 +266,10 @@ class AuditReport:
                     "reference_low": low,
                     "reference_high": high,
                     "n_reference": len(r.reference_aucs),
+                    "detectable_auc": r.detectable_auc,
+                    "ci_half_width": r.ci_half_width,
                     "verdict": r.verdict,
+                    "family_verdict": _family_verdict(r),
                 }
             )
         return pd.DataFrame(rows).set_index("attack")
@@ -231,6 +284,7 @@ class AuditReport:
             "attacks": {name: to_jsonable(row.to_dict()) for name, row in frame.iterrows()},
             "n_members": self.metadata.get("n_members"),
             "n_nonmembers": self.metadata.get("n_nonmembers"),
+            "detectable_auc": self.detectable_auc,
         }
 
     # -- I/O -------------------------------------------------------------------------------
@@ -262,7 +316,7 @@ class AuditReport:
         for name, r in data["results"].items():
             # JSON null stands for NaN in numbers (see to_jsonable).
             r = {
-                key: _nan_for_null(value) if key != "reference_interval" or value else value
+                key: value if key in _OPTIONAL and value is None else _nan_for_null(value)
                 for key, value in r.items()
             }
             for key in (
@@ -271,6 +325,7 @@ class AuditReport:
                 "tpr_at_1pct_fpr_ci",
                 "tpr_at_01pct_fpr_ci",
                 "reference_interval",
+                "auc_ci_family",
             ):
                 if r.get(key) is not None:
                     r[key] = tuple(r[key])
@@ -289,9 +344,20 @@ class AuditReport:
         skipped = self.metadata.get("skipped_attacks") or {}
         if skipped:
             head += "\nskipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
-        columns = ["auc", "auc_low", "auc_high", "advantage", "tpr@1%fpr", "reference_low",
-                   "reference_high", "verdict"]  # fmt: skip
+        columns = ["auc", "auc_low", "auc_high", "tpr@1%fpr", "reference_low",
+                   "reference_high", "detectable_auc", "verdict"]  # fmt: skip
         return head + "\n" + self.to_frame()[columns].round(3).to_string()
+
+
+#: AttackResult fields whose JSON null means "absent", not NaN.
+_OPTIONAL = ("reference_interval", "auc_ci_family", "family_verdict")
+
+
+def _family_verdict(result: AttackResult) -> str:
+    """The attack's verdict at the family level (reports saved before 0.4 lack it)."""
+    if result.family_verdict is not None:
+        return result.family_verdict
+    return judge(result.auc_ci, result.reference_band, result.detectable_auc)
 
 
 def _nan_for_null(value):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from scvi_unlearn._verdict import reference_band
 from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
 
 if TYPE_CHECKING:
@@ -132,11 +133,14 @@ def method_comparison(
 
     values = pd.to_numeric(data[metric], errors="coerce")
     if band is None and reference in methods:
-        ref = values[data[method_col].astype(str) == reference].dropna().to_numpy(float)
-        if ref.size:
-            sd = ref.std(ddof=1) if ref.size > 1 else 0.0
-            band = (ref.mean() - 2 * sd, ref.mean() + 2 * sd)
-            band_label = f"{reference} band (mean ± 2 SD, n={ref.size})"
+        is_ref = (data[method_col].astype(str) == reference).to_numpy() & values.notna().to_numpy()
+        if is_ref.any():
+            cis = None
+            if low_col is not None and high_col is not None:
+                cis = data.loc[is_ref, [low_col, high_col]].to_numpy(float)
+            # The library's one band rule, so the plot and report.verdict agree.
+            band = reference_band(values[is_ref].to_numpy(float), cis)
+            band_label = f"{reference} band (n={int(is_ref.sum())})"
     else:
         band_label = f"{reference} band" if reference in methods else "reference band"
     if band is not None:
