@@ -3,12 +3,13 @@
 from scvi_unlearn import audit, data, model, module, pl, train, utility
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version
-from scvi_unlearn.audit import AuditReport, MembershipInference, attack_features
+from scvi_unlearn.audit import AuditReport, GroupAuditReport, MembershipInference, attack_features
 
 __version__ = package_version()
 
 __all__ = [
     "AuditReport",
+    "GroupAuditReport",
     "MembershipInference",
     "Recipe",
     "attack_features",

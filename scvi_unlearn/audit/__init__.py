@@ -24,6 +24,7 @@ from scvi_unlearn.audit._attacks import (
     rmia_scores,
 )
 from scvi_unlearn.audit._features import attack_features
+from scvi_unlearn.audit._groups import GroupAuditReport, group_test
 from scvi_unlearn.audit._membership import DEFAULT_N_SHADOWS, MembershipInference
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
@@ -32,7 +33,12 @@ from scvi_unlearn.audit._metrics import (
     tpr_at_fpr,
 )
 from scvi_unlearn.audit._report import AttackResult, AuditReport
-from scvi_unlearn.audit._shadows import ShadowPool, balanced_membership, default_cache_dir
+from scvi_unlearn.audit._shadows import (
+    ShadowPool,
+    balanced_membership,
+    default_cache_dir,
+    train_shadow_pool,
+)
 
 # The loss kernel lives in scvi_unlearn.module; re-exported here, where audits look for it.
 from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
@@ -50,6 +56,7 @@ __all__ = [
     "VERDICTS",
     "AttackResult",
     "AuditReport",
+    "GroupAuditReport",
     "MembershipInference",
     "ShadowPool",
     "attack_features",
@@ -65,6 +72,7 @@ __all__ = [
     "family_level",
     "feature_matrix",
     "fit_shadow_classifier",
+    "group_test",
     "judge",
     "lira_scores",
     "loss_scores",
@@ -73,4 +81,5 @@ __all__ = [
     "reference_band",
     "rmia_scores",
     "tpr_at_fpr",
+    "train_shadow_pool",
 ]

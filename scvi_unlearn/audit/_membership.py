@@ -29,6 +29,14 @@ from scvi_unlearn.audit._attacks import (
     rmia_scores,
 )
 from scvi_unlearn.audit._features import attack_features
+from scvi_unlearn.audit._groups import (
+    DEFAULT_MIN_GROUP_CELLS,
+    GroupAuditReport,
+    group_auc,
+    group_codes,
+    group_means,
+    group_test,
+)
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
     bootstrap_metrics,
@@ -80,6 +88,13 @@ class MembershipInference:
         Which attacks to run; all of :data:`~scvi_unlearn.audit.ATTACKS` by default.
     accelerator, devices
         Passed to shadow training (Lightning).
+    group_key
+        An ``obs`` column (e.g. ``"sample_id"`` for donors, ``"cell_type"``): shadows then train
+        on random halves of its *groups* (whole donors IN or OUT), which
+        :meth:`audit_groups` needs to ask "was this donor in the training set?", and which a
+        structured (cell-type) audit needs for group-level OUT models. At least 4 groups.
+    min_group_cells
+        With ``group_key``: groups with fewer pool cells are refused.
     **recipe_overrides
         Replace recipe fields for the shadows (e.g. ``max_epochs``); recorded in the report,
         since shadows that differ from the target weaken the attack.
@@ -105,6 +120,8 @@ class MembershipInference:
         attacks: tuple[str, ...] = ATTACKS,
         accelerator: str = "auto",
         devices="auto",
+        group_key: str | None = None,
+        min_group_cells: int = DEFAULT_MIN_GROUP_CELLS,
         **recipe_overrides,
     ):
         if adata.n_obs < 4:
@@ -136,6 +153,12 @@ class MembershipInference:
         self.cache_dir = (
             None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
         )
+        self.group_key = group_key
+        self.group_codes_, self.group_names_ = (None, None)
+        if group_key is not None:
+            self.group_codes_, self.group_names_ = group_codes(
+                adata, group_key, self.pool, int(min_group_cells)
+            )
         self.attacks = tuple(attacks)
         self.recipe_overrides = dict(recipe_overrides)
         self.accelerator = accelerator
@@ -145,8 +168,9 @@ class MembershipInference:
 
     def __repr__(self) -> str:
         state = "fitted" if self.shadows_ is not None else "not fitted"
+        by = "" if self.group_key is None else f" by {self.group_key!r} groups"
         return (
-            f"MembershipInference({self.n_shadows} shadows on {self.pool.size} cells, "
+            f"MembershipInference({self.n_shadows} shadows on {self.pool.size} cells{by}, "
             f"attacks={list(self.attacks)}, {state})"
         )
 
@@ -164,6 +188,7 @@ class MembershipInference:
             accelerator=self.accelerator,
             devices=self.devices,
             progress_bar=progress_bar,
+            groups=self.group_codes_,
         )
         self.fit_seconds_ = time.perf_counter() - start
         self._classifier = None
@@ -216,7 +241,10 @@ class MembershipInference:
         cells = np.r_[members_idx, nonmembers_idx]
         is_member = np.r_[np.ones(members_idx.size, bool), np.zeros(nonmembers_idx.size, bool)]
         feats = self._features(model, cells)
-        refs = [self._features(m, cells) for m in reference_models or []]
+        refs = [
+            self._features(m, cells, role=f"reference model {i}")
+            for i, m in enumerate(reference_models or [])
+        ]
         scored = {}
         skipped = {}
         for attack in attacks:
@@ -260,6 +288,85 @@ class MembershipInference:
         }
         return AuditReport(results=results, metadata=metadata)
 
+    def audit_groups(self, model, members=None, n_bootstrap: int = 1000) -> GroupAuditReport:
+        """Donor-level (group-level) audit: was each group in ``model``'s training set?
+
+        Needs ``group_key`` at construction (shadows trained on halves of the groups). Each
+        group's score is the mean loss of its pool cells; under the audited model it is tested
+        against the same score under the shadows that did not train on the group (one-sided
+        Student t on the OUT shadows, a p-value and verdict per group, see
+        :func:`~scvi_unlearn.audit.group_test`). Where the members are known, the groups'
+        statistics also give a group-level ROC AUC, whose power is stated: with 8 donors (4 vs
+        4) no AUC short of 1 is reliably detectable, so the per-group p-values carry the audit.
+
+        Parameters
+        ----------
+        model
+            The trained scVI model under audit.
+        members
+            Names of the groups the model trained on; by default read from the model's
+            recorded training cells (a group is a member when most of its cells were trained
+            on), unknown otherwise.
+        n_bootstrap
+            Bootstrap replicates for the group-level AUC's CI.
+
+        Returns
+        -------
+        :class:`~scvi_unlearn.audit.GroupAuditReport`
+        """
+        if self.group_key is None:
+            raise ValueError(
+                "audit_groups needs shadows trained on groups: construct MembershipInference "
+                "with group_key= (e.g. group_key='sample_id')."
+            )
+        if self.shadows_ is None:
+            raise RuntimeError("Call `MembershipInference.fit()` before `audit_groups`.")
+        start = time.perf_counter()
+        cells, codes, names = self.pool, self.group_codes_, self.group_names_
+        n_groups = names.size
+        loss = self._features(model, cells)[:, _LOSS_COL]
+        shadow_loss = self.shadows_.features[:, cells, _LOSS_COL]
+        in_share = group_means(self.shadows_.in_mask[:, cells].astype(float), codes, n_groups)
+        table = group_test(
+            group_means(loss, codes, n_groups),
+            group_means(shadow_loss, codes, n_groups),
+            in_share > 0.5,
+        )
+        table.index = names
+        table.insert(0, "n_cells", np.bincount(codes, minlength=n_groups))
+        member, source = self._group_members(model, members, cells, codes, names)
+        table.insert(1, "member", member)
+        auc = group_auc(table, n_bootstrap, self.seed)
+        metadata = {
+            "group_key": self.group_key,
+            "n_groups": int(n_groups),
+            "members_from": source,
+            "n_shadows": self.n_shadows,
+            "seed": self.seed,
+            "recipe": self.recipe.to_dict(),
+            "auc_detectable": auc.get("auc_detectable"),
+            "auc_verdict": auc["auc_verdict"],
+            "audit_seconds": time.perf_counter() - start,
+        }
+        return GroupAuditReport(self.group_key, table, auc["auc"], auc["auc_ci"], metadata)
+
+    def _group_members(self, model, members, cells, codes, names):
+        """Whether each group was a member of ``model``'s training set, and how we know."""
+        if members is not None:
+            members = [str(m) for m in ([members] if isinstance(members, str) else members)]
+            unknown = sorted(set(members) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`members` names groups not in {self.group_key!r}: {unknown} "
+                    f"(groups: {names.tolist()})."
+                )
+            return np.asarray(names.isin(members), dtype=object), "given"
+        trained = self._trained_positions(model)
+        if trained is None:
+            return np.full(names.size, None, dtype=object), "unknown"
+        share = group_means(np.isin(cells, trained).astype(float), codes, names.size)
+        return np.asarray(share > 0.5, dtype=object), "recorded training cells"
+
     def _check_cells(self, model, members, nonmembers):
         check_trained(model)
         check_genes_match(model, self.adata)
@@ -294,9 +401,12 @@ class MembershipInference:
         """Positions in ``self.adata`` of the cells the model trained on, if known."""
         return training_positions(model, self.adata)
 
-    def _features(self, model, cells: np.ndarray) -> np.ndarray:
-        check_trained(model)
-        check_genes_match(model, self.adata)
+    def _features(self, model, cells: np.ndarray, role: str = "audited model") -> np.ndarray:
+        try:
+            check_trained(model)
+            check_genes_match(model, self.adata)
+        except ValueError as exc:
+            raise ValueError(f"The {role}: {exc}") from exc
         same = (
             model.adata is not None
             and model.adata.n_obs == self.adata.n_obs

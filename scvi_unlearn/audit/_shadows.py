@@ -151,13 +151,24 @@ def train_shadow_pool(
     devices="auto",
     progress_bar: bool = True,
     feature_batch_size: int = 2048,
+    groups: np.ndarray | None = None,
 ) -> ShadowPool:
     """Train (or load from cache) the shadow models and featurise every cell under each.
 
-    Each shadow is cached as soon as it is done, so an interrupted run resumes.
+    Each shadow is cached as soon as it is done, so an interrupted run resumes. With
+    ``groups`` (an integer code per pool cell, e.g. the donor), whole groups are IN or OUT:
+    every group is IN for exactly half the shadows, and so are its cells.
     """
-    membership = balanced_membership(n_shadows, pool.size, seed)
-    key = _cache_key(adata, recipe, n_shadows, pool, seed)
+    if groups is None:
+        membership = balanced_membership(n_shadows, pool.size, seed)
+    else:
+        groups = np.asarray(groups, dtype=np.int64)
+        if groups.shape != pool.shape:
+            raise ValueError(
+                f"`groups` needs one code per pool cell ({pool.size}), got {groups.size}."
+            )
+        membership = balanced_membership(n_shadows, int(groups.max()) + 1, seed)[:, groups]
+    key = _cache_key(adata, recipe, n_shadows, pool, seed, groups)
     folder = None if cache_dir is None else Path(cache_dir) / key
     if folder is not None:
         done = folder / "pool.npz"
@@ -172,6 +183,7 @@ def train_shadow_pool(
                     "n_shadows": n_shadows,
                     "seed": seed,
                     "n_pool": int(pool.size),
+                    "by_group": groups is not None,
                     "version": _CACHE_VERSION,
                 },
                 indent=2,
@@ -213,10 +225,14 @@ def train_shadow_pool(
     return result
 
 
-def _cache_key(adata, recipe: Recipe, n_shadows: int, pool: np.ndarray, seed: int) -> str:
+def _cache_key(
+    adata, recipe: Recipe, n_shadows: int, pool: np.ndarray, seed: int, groups=None
+) -> str:
     h = hashlib.sha256()
     h.update(adata_fingerprint(adata).encode())
     h.update(recipe.fingerprint().encode())
     h.update(np.ascontiguousarray(pool, dtype=np.int64).tobytes())
     h.update(f"{n_shadows}-{seed}-v{_CACHE_VERSION}".encode())
+    if groups is not None:  # per-cell pools keep their old keys
+        h.update(b"groups" + np.ascontiguousarray(groups, dtype=np.int64).tobytes())
     return f"shadows-{h.hexdigest()[:20]}"

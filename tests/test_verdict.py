@@ -1,0 +1,132 @@
+"""The one verdict rule: reference band, stated power, underpowered audits, RMIA, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scvi_unlearn as su
+from scvi_unlearn.audit import (
+    auc_null_se,
+    combine_verdicts,
+    detectable_auc,
+    judge,
+    reference_band,
+    rmia_scores,
+)
+from scvi_unlearn.audit._report import AuditReport, score_attack
+
+
+def _null_scores(n_members, n_nonmembers, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=n_members), rng.normal(size=n_nonmembers)
+
+
+def test_detectable_auc_shrinks_with_cells_and_grows_with_the_band():
+    sizes = [(5, 5), (20, 20), (60, 60), (500, 500)]
+    values = [detectable_auc(m, n) for m, n in sizes]
+    assert values == sorted(values, reverse=True)
+    assert values[0] > 0.9 and values[-1] < 0.56
+    assert detectable_auc(60, 60, reference=0.6) > detectable_auc(60, 60)
+    # Under the null, the AUC's SD matches the formula (checked by simulation).
+    sims = [su.audit.auc_from_scores(*_null_scores(30, 40, seed=s)) for s in range(2000)]
+    assert np.std(sims) == pytest.approx(auc_null_se(30, 40), rel=0.1)
+
+
+def test_a_tiny_audit_is_underpowered_never_no_evidence():
+    m, n = _null_scores(5, 5)
+    r = score_attack("loss", m, n, [], "", n_bootstrap=200)
+    assert r.verdict == "underpowered"
+    report = AuditReport({"loss": r}, {"n_members": 5, "n_nonmembers": 5})
+    assert report.verdict == "underpowered"
+    assert "UNDERPOWERED" in report.explain() and "--nonmembers" in report.explain()
+    # With enough cells the same kind of null contrast is "no evidence of leak".
+    m, n = _null_scores(300, 300)
+    big = score_attack("loss", m, n, [], "", n_bootstrap=200)
+    assert big.verdict == "no evidence of leak" and big.detectable_auc < 0.6
+
+
+def test_a_seen_leak_is_a_leak_however_small_the_audit():
+    r = score_attack("loss", np.arange(10.0, 18.0), np.arange(8.0), [], "", n_bootstrap=200)
+    assert r.auc == 1.0 and r.verdict == "leak"
+
+
+def test_tpr_below_one_over_n_nonmembers_is_not_measurable():
+    m, n = _null_scores(50, 50)
+    r = score_attack("loss", m + 1, n, [], "", n_bootstrap=100)
+    assert np.isnan(r.tpr_at_1pct_fpr) and np.isnan(r.tpr_at_1pct_fpr_ci[0])
+    assert np.isnan(r.tpr_at_01pct_fpr) and r.min_measurable_fpr == pytest.approx(0.02)
+    m, n = _null_scores(50, 150)
+    r = score_attack("loss", m + 1, n, [], "", n_bootstrap=100)
+    assert np.isfinite(r.tpr_at_1pct_fpr) and np.isnan(r.tpr_at_01pct_fpr)
+
+
+def test_family_verdict_is_stricter_than_each_attack():
+    # An AUC whose 95% CI clears the band but whose Bonferroni CI (5 attacks) does not.
+    rng = np.random.default_rng(3)
+    for shift in np.linspace(0.2, 0.8, 25):
+        r = score_attack("loss", rng.normal(shift, 1, 150), rng.normal(0, 1, 150), [], "",
+                         n_bootstrap=2000, n_attacks=5)  # fmt: skip
+        if r.verdict == "leak" and r.family_verdict != "leak":
+            break
+    else:
+        pytest.fail("no shift separated the per-attack and the family verdict")
+    assert r.auc_ci_family[0] < r.auc_ci[0] and r.auc_ci_family[1] > r.auc_ci[1]
+    assert AuditReport({"loss": r}).verdict == r.family_verdict
+
+
+def test_reference_band_rule():
+    low, high = reference_band([0.5, 0.52, 0.48], [(0.4, 0.6), (0.42, 0.62), (0.38, 0.58)])
+    se = 0.2 / (2 * 1.959964)
+    half = 2 * np.sqrt(np.var([0.5, 0.52, 0.48], ddof=1) + se**2)
+    assert (low, high) == pytest.approx((0.5 - half, 0.5 + half))
+    assert reference_band([0.9, 1.0, 1.0]) [1] == 1.0  # fmt: skip
+    assert reference_band([0.5, 0.6], pooled_interval=(0.45, 0.55)) == (0.45, 0.55)
+    assert all(np.isnan(reference_band([])))
+    with pytest.raises(ValueError, match="3 AUCs but 2"):
+        reference_band([0.5, 0.5, 0.5], [(0.4, 0.6)] * 2)
+
+
+def test_judge_and_combine():
+    assert judge((0.2, 0.35), (0.4, 0.6), 0.7) == "below reference"
+    assert judge((0.45, 0.62), (float("nan"), float("nan")), 0.7) == "no evidence of leak"
+    assert judge((0.45, 0.62), (0.4, 0.6), float("inf")) == "underpowered"
+    assert combine_verdicts(["underpowered", "below reference"]) == "below reference"
+    assert combine_verdicts(["underpowered"] * 3) == "underpowered"
+    with pytest.raises(ValueError, match="Unknown verdicts"):
+        combine_verdicts(["maybe"])
+
+
+def test_rmia_ranks_by_likelihood_ratio_against_population():
+    rng = np.random.default_rng(0)
+    shadow = rng.normal(10, 1, size=(8, 200))
+    in_mask = su.audit.balanced_membership(8, 200, seed=0)
+    shadow[in_mask] -= 2  # shadows that trained on a cell fit it better
+    target = shadow.mean(0) + 1
+    members = np.arange(100)
+    target[members] -= 2.5
+    population = np.zeros(200, bool)
+    population[100:] = True
+    s = rmia_scores(target, shadow, in_mask, population)
+    assert su.audit.auc_from_scores(s[members], s[100:]) > 0.9
+    assert ((s >= 0) & (s <= 1)).all()
+    # A cell with no OUT reference model has no score.
+    in_mask[:, 0] = True
+    assert np.isnan(rmia_scores(target, shadow, in_mask, population)[0])
+
+
+def test_rmia_runs_in_the_audit(overfit_case):
+    case = overfit_case
+    report = case["mi"].audit(case["model"], members=case["train"], nonmembers=case["held"])
+    rmia = report.results["rmia"]
+    assert rmia.auc > 0.8 and rmia.verdict == "leak"
+    assert report.results["lira_online"].family_verdict == "leak"
+
+
+def test_reference_model_on_other_genes_is_refused_by_role(overfit_case, small_model):
+    case = overfit_case
+    with pytest.raises(ValueError, match=r"reference model 0: .*genes do not match"):
+        case["mi"].audit(
+            case["model"], members=case["train"][:20], nonmembers=case["held"][:20],
+            reference_models=[small_model], attacks=("loss",),
+        )  # fmt: skip
