@@ -113,6 +113,7 @@ def _row(name: str, report, seconds: float, utility: dict) -> dict[str, Any]:
         "lira_auc": round(lira.auc, 3),
         "lira_auc_ci": [round(v, 3) for v in lira.auc_ci],
         "reference_band": [round(v, 3) for v in lira.reference_band],
+        "detectable_auc": round(lira.detectable_auc, 3),
         "loss_auc": None if loss is None else round(loss.auc, 3),
         "heldout_neg_elbo": round(utility["neg_elbo"], 2),
         "knn_accuracy": round(utility["knn_accuracy"], 3),
