@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,45 @@ def test_a_single_cell_last_minibatch_is_dropped_not_fatal(method):
         [0, 1], method=method, max_epochs=2, accelerator="cpu", enable_progress_bar=False, **extra
     )
     assert len(out.train_indices) == 129
+
+
+def test_a_forgotten_donor_loses_its_batch_columns():
+    """A donor that is a batch category: the weights reading its one-hot column are reset."""
+    adata = su.data.synthetic_pbmc(n_cells=160, n_genes=40, n_donors=4, seed=2)
+    recipe = su.Recipe(
+        setup_kwargs={"batch_key": "donor"},
+        model_kwargs={"n_latent": 3, "n_hidden": 16},
+        train_kwargs={"max_epochs": 3, "train_size": 1.0, "batch_size": 64},
+    )
+    model = su.model.SCVI.from_scvi(
+        recipe.fit(adata, accelerator="cpu", enable_progress_bar=False)
+    )
+    codes = model.adata_manager.get_state_registry("batch").categorical_mapping.tolist()
+    donor = codes.index("donor_1")
+    forget = np.flatnonzero(model.adata.obs["donor"].to_numpy() == "donor_1")
+
+    masks = su.train.covariate_masks(model.module, [donor])
+    name = "decoder.px_decoder.fc_layers.Layer 0.0.weight"
+    assert set(masks) == {name}  # scVI injects the batch into the decoder's first layer only
+    weight = dict(model.module.named_parameters())[name]
+    column = weight.shape[1] - 4 + donor  # the one-hot block closes the layer's input
+    assert masks[name][:, column].all() and masks[name].sum() == weight.shape[0]
+
+    # With no saliency or random share, the reset touches exactly the donor's column.
+    module = copy.deepcopy(model.module)
+    tensors = su.train.gather_tensors(model, forget)
+    plan = su.train.ResetRelearnPlan(
+        module, tensors, tensors, reset_fraction=0.0, random_fraction=0.0, reset_batches=[donor]
+    )
+    summary = plan.reset()
+    assert summary["n_batch_weights_reset"] == weight.shape[0] == summary["n_reset"]
+    after = dict(module.named_parameters())[name].detach()
+    changed = (after != weight.detach()).any(0)
+    assert changed[column] and changed.sum() == 1
+
+    out = model.unlearn(forget, method="reset_relearn", max_epochs=1, accelerator="cpu")
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["reset_batch_names"] == ["donor_1"]
+    # Forgetting some, not all, of a donor's cells leaves its column to the saliency rule.
+    partial = model.unlearn(forget[:5], method="reset_relearn", max_epochs=1, accelerator="cpu")
+    assert partial.provenance["events"][-1]["metrics"]["reset_batches"] == []

@@ -28,7 +28,12 @@ from scvi_unlearn.train._methods import (
     UnlearningRun,
 )
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
-from scvi_unlearn.train._reset import ResetRelearnPlan, reset_masks, saliency_scores
+from scvi_unlearn.train._reset import (
+    ResetRelearnPlan,
+    covariate_masks,
+    reset_masks,
+    saliency_scores,
+)
 from scvi_unlearn.train._selection import BestStateSelector
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "UnlearningRun",
     "UnlearningTrainingPlan",
     "check_hyperparameters",
+    "covariate_masks",
     "diagonal_fisher",
     "fisher_noise_std",
     "gather_tensors",

@@ -354,10 +354,26 @@ def _run_reset_relearn(run: UnlearningRun) -> dict[str, Any]:
         random_fraction=hp["random_fraction"],
         eps=hp["eps"],
         reset_seed=request_seed(run.seed, forget_names),
+        reset_batches=_forgotten_batches(run),
         **run.plan_kwargs(),
     )
     runner = run.fit(plan, run.retain)
-    return _with_history(dict(plan.edit_summary_ or {}), runner)
+    summary = dict(plan.edit_summary_ or {})
+    if summary.get("reset_batches"):
+        mapping = run.model.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)
+        names = list(mapping.categorical_mapping)
+        summary["reset_batch_names"] = [str(names[b]) for b in summary["reset_batches"]]
+    return _with_history(summary, runner)
+
+
+def _forgotten_batches(run: UnlearningRun) -> list[int]:
+    """Batch codes none of whose cells the model keeps (a whole donor or batch forgotten)."""
+    if REGISTRY_KEYS.BATCH_KEY not in run.model.adata_manager.data_registry:
+        return []
+    codes = np.asarray(run.model.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY))
+    codes = codes.reshape(-1)
+    kept = np.union1d(run.retain, run.validation).astype(np.int64)
+    return sorted(set(codes[run.forget].tolist()) - set(codes[kept].tolist()))
 
 
 def _keep_categories(data, model) -> None:

@@ -69,6 +69,42 @@ def reset_masks(
     return masks
 
 
+def covariate_masks(module: torch.nn.Module, batches: Iterable[int]) -> dict:
+    """Masks of the weights that read the given batch categories (e.g. a forgotten donor).
+
+    scVI feeds the batch to its layers as a one-hot block appended to each injected layer's
+    input (after any continuous covariates), so category ``b`` owns input column
+    ``in_features - sum(n_cat_list) + b`` of every covariate-injected linear layer (the batch is
+    the first categorical of every ``FCLayers`` the VAE builds). With
+    ``dispersion="gene-batch"`` it also owns column ``b`` of ``px_r``. Relearning on retained
+    cells never sends a gradient into these weights, so whatever the forgotten batch wrote
+    there would survive every other step: they must be reset.
+    """
+    batches = sorted({int(b) for b in batches})
+    if not batches:
+        return {}
+    names = {id(p): n for n, p in module.named_parameters()}
+    masks = {}
+    for layer in module.modules():
+        n_cat_list = getattr(layer, "n_cat_list", None)
+        blocks = getattr(layer, "fc_layers", None)
+        if not n_cat_list or blocks is None or n_cat_list[0] <= max(batches):
+            continue
+        for i, block in enumerate(blocks):
+            if not layer.inject_into_layer(i):
+                continue
+            linear = block[0]
+            first = linear.in_features - sum(n_cat_list)
+            mask = torch.zeros_like(linear.weight, dtype=torch.bool)
+            mask[:, [first + b for b in batches]] = True
+            masks[names[id(linear.weight)]] = mask
+    if getattr(module, "dispersion", None) == "gene-batch" and hasattr(module, "px_r"):
+        mask = torch.zeros_like(module.px_r, dtype=torch.bool)
+        mask[:, batches] = True
+        masks[names[id(module.px_r)]] = mask
+    return masks
+
+
 def reset_parameters_(module: torch.nn.Module, masks: dict, seed: int) -> int:
     """Re-initialise the masked entries and reset batch-norm statistics.
 
@@ -132,6 +168,9 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
         Floor of the retain gradient in the saliency ratio.
     reset_seed
         Seed of the random share and of the re-initialisation.
+    reset_batches
+        Batch codes whose every cell is forgotten (a donor or batch request): the weights
+        that read them are reset too (:func:`covariate_masks`).
     chunk_size
         Cells per gradient pass.
     **kwargs
@@ -148,6 +187,7 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
         random_fraction: float = 0.05,
         eps: float = 1e-8,
         reset_seed: int = 0,
+        reset_batches: Iterable[int] = (),
         chunk_size: int = 512,
         **kwargs: Any,
     ):
@@ -158,6 +198,7 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
         self.random_fraction = float(random_fraction)
         self.eps = float(eps)
         self.reset_seed = int(reset_seed)
+        self.reset_batches = sorted({int(b) for b in reset_batches})
         self.chunk_size = int(chunk_size)
 
     def edit_weights(self) -> dict[str, Any]:
@@ -175,6 +216,10 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
             self.random_fraction,
             generator,
         )
+        covariates = covariate_masks(self.module, self.reset_batches)
+        n_covariate = sum(int(m.sum()) for m in covariates.values())
+        for name, mask in covariates.items():
+            masks[name] = masks[name] | mask
         n_reset = reset_parameters_(self.module, masks, self.reset_seed)
         n_total = sum(int(m.numel()) for m in masks.values())
         return {
@@ -182,4 +227,6 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
             "n_parameters": n_total,
             "share_reset": n_reset / max(n_total, 1),
             "reset_seed": self.reset_seed,
+            "reset_batches": self.reset_batches,
+            "n_batch_weights_reset": n_covariate,
         }
