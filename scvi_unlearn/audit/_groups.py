@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from math import comb
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,10 @@ from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn._verdict import (
     BELOW_REFERENCE,
     LEAK,
+    MAX_DETECTABLE_AUC,
     NO_EVIDENCE,
     UNDERPOWERED,
     detectable_auc,
-    judge,
 )
 from scvi_unlearn.audit._attacks import lira_scores
 from scvi_unlearn.audit._metrics import auc_from_scores, bootstrap_metrics, percentile_ci
@@ -170,7 +171,8 @@ class GroupAuditReport:
         Group-level ROC AUC of the offline statistic ``t`` (members vs non-member groups) and
         its bootstrap 95% CI; NaN without at least 2 groups of each kind.
     metadata
-        Sizes, seeds, shadows, and the AUC's detectable value and verdict.
+        Sizes, seeds, shadows, and the AUC's exact Mann-Whitney p-value, the smallest p-value
+        these group counts allow, detectable AUC and verdict (:func:`group_auc`).
     """
 
     group_key: str
@@ -255,7 +257,14 @@ class GroupAuditReport:
 
 
 def group_auc(table: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, Any]:
-    """Group-level ROC AUC of ``t`` (members vs non-members), its CI, power and verdict."""
+    """Group-level ROC AUC of ``t`` (members vs non-members), its CI, power and verdict.
+
+    With a handful of groups a bootstrap CI is meaningless (4 vs 4 perfectly separated groups
+    resample to AUC 1 every time), so the verdict rests on the exact one-sided Mann-Whitney
+    p-value instead: ``leak`` when it is below 0.05, ``underpowered`` when even a perfect
+    separation could not reach that (``min_p_value``) or the detectable AUC exceeds 0.75,
+    otherwise ``no evidence of leak``.
+    """
     member = table["member"].to_numpy()
     known = np.array([m is not None and m == m for m in member])  # None / NaN: unknown
     m = table["t"].to_numpy(float)[known & (member == True)]  # noqa: E712 (object column)
@@ -265,9 +274,19 @@ def group_auc(table: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, Any
     auc = float(auc_from_scores(m, n))
     ci = percentile_ci(bootstrap_metrics(m, n, n_bootstrap, seed, fprs=())["auc"])
     detectable = detectable_auc(m.size, n.size)
+    p_value = float(stats.mannwhitneyu(m, n, alternative="greater", method="exact").pvalue)
+    min_p = 1.0 / float(comb(m.size + n.size, m.size))
+    if p_value < GROUP_ALPHA:
+        verdict = LEAK
+    elif min_p >= GROUP_ALPHA or not detectable <= MAX_DETECTABLE_AUC:
+        verdict = UNDERPOWERED
+    else:
+        verdict = NO_EVIDENCE
     return {
         "auc": auc,
         "auc_ci": ci,
+        "auc_p_value": p_value,
+        "auc_min_p_value": min_p,
         "auc_detectable": detectable,
-        "auc_verdict": judge(ci, (float("nan"), float("nan")), detectable),
+        "auc_verdict": verdict,
     }

@@ -296,8 +296,9 @@ class MembershipInference:
         against the same score under the shadows that did not train on the group (one-sided
         Student t on the OUT shadows, a p-value and verdict per group, see
         :func:`~scvi_unlearn.audit.group_test`). Where the members are known, the groups'
-        statistics also give a group-level ROC AUC, whose power is stated: with 8 donors (4 vs
-        4) no AUC short of 1 is reliably detectable, so the per-group p-values carry the audit.
+        statistics also give a group-level ROC AUC with an exact Mann-Whitney p-value, whose
+        power is stated: with 8 donors (4 vs 4) the smallest possible p-value is 1/70, so only a
+        (near-)perfect separation counts, and the per-group p-values carry the audit.
 
         Parameters
         ----------
@@ -344,6 +345,8 @@ class MembershipInference:
             "n_shadows": self.n_shadows,
             "seed": self.seed,
             "recipe": self.recipe.to_dict(),
+            "auc_p_value": auc.get("auc_p_value"),
+            "auc_min_p_value": auc.get("auc_min_p_value"),
             "auc_detectable": auc.get("auc_detectable"),
             "auc_verdict": auc["auc_verdict"],
             "audit_seconds": time.perf_counter() - start,
