@@ -18,7 +18,7 @@ import numpy as np
 from scvi_unlearn._demo import run_demo
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._utils import parse_key_value
-from scvi_unlearn.audit import DEFAULT_N_SHADOWS, MembershipInference
+from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInference
 from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
 from scvi_unlearn.model import SCVI
 
@@ -129,7 +129,31 @@ def cmd_audit(args) -> int:
         **overrides,
     ).fit()
     report = mi.audit(model, members=members, nonmembers=nonmembers)
+    print(_nonmember_note(report, from_file=bool(args.nonmembers)))
     return _write_report(report, Path(args.out))
+
+
+#: Fewer non-members than this cannot measure a TPR at 1% FPR.
+_ENOUGH_NONMEMBERS = 100
+
+
+def _nonmember_note(report, from_file: bool) -> str:
+    """How many non-members the audit used, and how to supply more when that is too few."""
+    n = report.metadata["n_nonmembers"]
+    source = "from --nonmembers" if from_file else "cells of the population the model never saw"
+    note = f"Non-members: {n} ({source}); members: {report.metadata['n_members']}."
+    reasons = []
+    if n < _ENOUGH_NONMEMBERS:
+        reasons.append("measure a TPR at 1% FPR")
+    if report.verdict == UNDERPOWERED:
+        reasons.append("reach a verdict")
+    if reasons:
+        note += (
+            f" That is too few to {' or to '.join(reasons)}: pass --nonmembers FILE, a list of "
+            "obs names (one per line) of cells from the same population that the model never "
+            "trained on (e.g. held out before training)."
+        )
+    return note
 
 
 def _write_report(report, out: Path) -> int:
@@ -138,12 +162,17 @@ def _write_report(report, out: Path) -> int:
     print(repr(report))
     print()
     print(report.explain())
-    report.to_json(str(out / "audit_report.json"))
-    report.to_frame().to_csv(out / "audit_table.csv")
-    report.plot_roc(save=str(out / "audit_roc.png"), show=False)
-    print(
-        f"\nWrote {out / 'audit_report.json'}, {out / 'audit_table.csv'}, {out / 'audit_roc.png'}"
-    )
+    files = {
+        "report": out / "audit_report.json",
+        "table": out / "audit_table.csv",
+        "roc": out / "audit_roc.png",
+        "certificate": out / "certificate.html",
+    }
+    report.to_json(str(files["report"]))
+    report.to_frame().to_csv(files["table"])
+    report.plot_roc(save=str(files["roc"]), show=False)
+    report.save_html(files["certificate"])
+    print("\nWrote " + ", ".join(str(f) for f in files.values()))
     return 0
 
 

@@ -23,7 +23,9 @@ from scvi_unlearn.audit._attacks import (
     loss_scores,
     rmia_scores,
 )
+from scvi_unlearn.audit._certificate import write_certificate
 from scvi_unlearn.audit._features import attack_features
+from scvi_unlearn.audit._fingerprint import cells_sha256, counts_sha256, weights_sha256
 from scvi_unlearn.audit._groups import GroupAuditReport, group_test
 from scvi_unlearn.audit._membership import DEFAULT_N_SHADOWS, MembershipInference
 from scvi_unlearn.audit._metrics import (
@@ -65,7 +67,9 @@ __all__ = [
     "auc_se",
     "balanced_membership",
     "bootstrap_metrics",
+    "cells_sha256",
     "combine_verdicts",
+    "counts_sha256",
     "cv_classifier_scores",
     "default_cache_dir",
     "detectable_auc",
@@ -82,4 +86,6 @@ __all__ = [
     "rmia_scores",
     "tpr_at_fpr",
     "train_shadow_pool",
+    "weights_sha256",
+    "write_certificate",
 ]

@@ -29,6 +29,13 @@ from scvi_unlearn.audit._attacks import (
     rmia_scores,
 )
 from scvi_unlearn.audit._features import attack_features
+from scvi_unlearn.audit._fingerprint import (
+    cells_sha256,
+    counts_sha256,
+    package_versions,
+    utc_now,
+    weights_sha256,
+)
 from scvi_unlearn.audit._groups import (
     DEFAULT_MIN_GROUP_CELLS,
     GroupAuditReport,
@@ -285,8 +292,25 @@ class MembershipInference:
             "skipped_attacks": skipped,
             "shadow_train_seconds": float(sum(shadows.train_seconds)) if shadows else 0.0,
             "audit_seconds": time.perf_counter() - start,
+            "created_at": utc_now(),
+            "fingerprints": self._fingerprints(
+                model, members_idx, nonmembers_idx, reference_models
+            ),
+            "versions": package_versions(),
         }
         return AuditReport(results=results, metadata=metadata)
+
+    def _fingerprints(self, model, members_idx, nonmembers_idx, reference_models) -> dict:
+        """SHA-256 of what was audited: weights, cell lists, counts, recipe (for certificates)."""
+        names = self.adata.obs_names
+        return {
+            "model_weights": weights_sha256(model),
+            "members": cells_sha256(names[members_idx]),
+            "nonmembers": cells_sha256(names[nonmembers_idx]),
+            "adata_counts": counts_sha256(self.adata, self.recipe.setup_kwargs.get("layer")),
+            "recipe": self.recipe.fingerprint(),
+            "reference_models": [weights_sha256(m) for m in reference_models or []],
+        }
 
     def audit_groups(self, model, members=None, n_bootstrap: int = 1000) -> GroupAuditReport:
         """Donor-level (group-level) audit: was each group in ``model``'s training set?

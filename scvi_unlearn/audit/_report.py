@@ -22,6 +22,7 @@ from scvi_unlearn._verdict import (
     judge,
     reference_band,
 )
+from scvi_unlearn.audit._certificate import write_certificate
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
     bootstrap_metrics,
@@ -331,6 +332,13 @@ class AuditReport:
                     r[key] = tuple(r[key])
             results[name] = AttackResult(**r)
         return cls(results=results, metadata=data.get("metadata", {}))
+
+    def save_html(self, path, title: str | None = None):
+        """Write a self-contained HTML audit certificate; returns its path.
+
+        See :func:`~scvi_unlearn.audit.write_certificate`.
+        """
+        return write_certificate(self, path, title=title)
 
     def plot_roc(self, ax=None, show: bool | None = None, save: str | None = None, **kwargs):
         """ROC curves of every attack (see :func:`scvi_unlearn.pl.roc_curves`)."""

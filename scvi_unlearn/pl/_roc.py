@@ -27,6 +27,8 @@ def roc_curves(
         Attacks to draw; all by default.
     log_scale
         Log-log axes, which show the low-FPR regime where confident leaks live (Carlini et al.).
+        No curve is drawn below FPR ``1 / n_nonmembers``, which its non-members cannot measure,
+        and the axis starts at the smallest such FPR.
     ax
         Matplotlib axes to draw on; a new figure if None.
     show
@@ -47,19 +49,24 @@ def roc_curves(
         owns = True
     else:
         owns = False
+    floors = []
     for name, r in report.results.items():
         if attacks is not None and name not in attacks:
             continue
         y = np.r_[np.ones(len(r.member_scores)), np.zeros(len(r.nonmember_scores))]
         fpr, tpr, _ = roc_curve(y, np.r_[r.member_scores, r.nonmember_scores])
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {r.auc:.2f})")
-    lims = (1e-3, 1) if log_scale else (0, 1)
-    ax.plot(lims, lims, ls="--", c="grey", lw=1, label="chance")
+        # n non-members cannot measure an FPR below 1 / n: the curve is not drawn there.
+        floor = 1.0 / max(len(r.nonmember_scores), 1)
+        floors.append(floor)
+        keep = fpr >= floor - 1e-12
+        ax.plot(fpr[keep], tpr[keep], lw=1.5, label=f"{name} (AUC {r.auc:.2f})")
+    low = max(min(floors, default=1e-3), 1e-3) if log_scale else 0.0
+    ax.plot((low, 1), (low, 1), ls="--", c="grey", lw=1, label="chance")
     # A little room above TPR = 1 so that a perfect attack's curve is not hidden by the frame.
     if log_scale:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(1e-3, 1.15)
+        ax.set_xlim(low, 1.15)
         ax.set_ylim(1e-3, 1.15)
     else:
         ax.set_xlim(-0.02, 1.02)
