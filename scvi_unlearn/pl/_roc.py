@@ -60,7 +60,7 @@ def roc_curves(
         floors.append(floor)
         keep = fpr >= floor - 1e-12
         ax.plot(fpr[keep], tpr[keep], lw=1.5, label=f"{name} (AUC {r.auc:.2f})")
-    low = max(min(floors, default=1e-3), 1e-3) if log_scale else 0.0
+    low = min(floors, default=1e-3) if log_scale else 0.0
     ax.plot((low, 1), (low, 1), ls="--", c="grey", lw=1, label="chance")
     # A little room above TPR = 1 so that a perfect attack's curve is not hidden by the frame.
     if log_scale:
