@@ -7,6 +7,7 @@ lower the out-of-sample attack AUC.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -271,6 +272,7 @@ def test_same_seed_same_weights(setting):
 
 _PLANS = {
     "extragradient": ExtraGradientUnlearningPlan,
+    "extragradient_calibrated": ExtraGradientUnlearningPlan,
     "frozen_critic": FrozenCriticPlan,
     "fisher": FisherScrubbingPlan,
     "ssd": FisherScrubbingPlan,
@@ -284,12 +286,16 @@ _PLANS = {
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_under_lightning_without_touching_adata(setting, method):
+def test_every_method_trains_under_lightning_without_touching_adata(
+    setting, method, reference_dir
+):
     adata, split = setting["adata"], setting["split"]
     layers_before = dict(adata.layers)
+    extra = {"reference_cache_dir": str(reference_dir)} if "calibrated" in method else {}
     new = setting["model"].unlearn(
-        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", max_epochs=2
-    )
+        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", max_epochs=2,
+        **extra,
+    )  # fmt: skip
     trainer = new.trainer
     assert isinstance(trainer, scvi.train.Trainer)
     assert trainer.progress_bar_callback is not None
@@ -593,3 +599,45 @@ def test_selection_never_keeps_the_warm_start():
     assert broken.kept_epoch == 1  # the least damaging epoch, flagged
     assert broken.utility_budget_met is False
     assert broken.summary()["utility_budget_met"] is False
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    """One method reference pool for the module's tests (shared through its cache)."""
+    return tmp_path_factory.mktemp("method_references")
+
+
+def test_calibrated_extragradient_plays_on_the_lira_statistic_of_its_own_pool(
+    setting, reference_dir
+):
+    model, split = setting["model"], setting["split"]
+    out = model.unlearn(
+        split.forget, method="extragradient_calibrated", seed=0, accelerator="cpu",
+        max_epochs=10, val_fraction=0.61, reference_cache_dir=str(reference_dir),
+    )  # fmt: skip
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["n_references"] == 4
+    assert metrics["reference_seed"] == su.train.REFERENCE_SEED_OFFSET
+    # Its own pool, cached in its own folder under its own seed: never an audit's shadows.
+    (folder,) = [p for p in reference_dir.iterdir() if p.is_dir()]
+    assert json.loads((folder / "meta.json").read_text())["seed"] == su.train.REFERENCE_SEED_OFFSET
+    pool = su.train.method_reference_pool(model, 4, seed=0, cache_dir=str(reference_dir))
+    assert pool.in_mask.sum(0).tolist() == [2] * model.adata.n_obs  # half of 4, every cell
+    # Selection judged the warm start on the calibrated (offline LiRA) statistic of the
+    # validation cells, computed here independently from the pool and the model's features.
+    names = model.adata.obs_names
+    f_val = names.get_indexer(metrics["forget_val_names"])
+    n_val = names.get_indexer(metrics["nonmember_val_names"])
+    col = list(su.audit.SCALAR_FEATURES).index(su.audit.LOSS_FEATURE)
+    _, std = su.train.out_calibration(pool, np.r_[split.forget, split.nonmember])
+
+    def calibrated(cells):
+        mean, _ = su.train.out_calibration(pool, cells)
+        loss = attack_features(model, indices=cells).to_numpy()[:, col]
+        return -(loss - mean[:, col]) / std[col]
+
+    expected = su.audit.auc_from_scores(calibrated(f_val), calibrated(n_val))
+    assert metrics["val_auc_warm_start"] == pytest.approx(float(expected), abs=1e-4)
+    assert metrics["val_auc_warm_start"] > 0.8  # the over-fitted model leaks on that statistic
+    with pytest.raises(ValueError, match="n_references` must be even"):
+        model.unlearn(split.forget, method="extragradient_calibrated", n_references=5)

@@ -5,7 +5,11 @@ what it runs: one :class:`~scvi.train.TrainingPlan` per method and :data:`METHOD
 a method name to its hyper-parameters and runner.
 """
 
-from scvi_unlearn.train._adversarial import ExtraGradientUnlearningPlan, FrozenCriticPlan
+from scvi_unlearn.train._adversarial import (
+    CALIBRATION_KEY,
+    ExtraGradientUnlearningPlan,
+    FrozenCriticPlan,
+)
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     UnlearningTrainingPlan,
@@ -28,6 +32,12 @@ from scvi_unlearn.train._methods import (
     UnlearningRun,
 )
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
+from scvi_unlearn.train._references import (
+    DEFAULT_N_REFERENCES,
+    REFERENCE_SEED_OFFSET,
+    method_reference_pool,
+    out_calibration,
+)
 from scvi_unlearn.train._reset import (
     ResetRelearnPlan,
     covariate_masks,
@@ -37,9 +47,12 @@ from scvi_unlearn.train._reset import (
 from scvi_unlearn.train._selection import BestStateSelector
 
 __all__ = [
+    "CALIBRATION_KEY",
+    "DEFAULT_N_REFERENCES",
     "FROM_PLAN",
     "METHODS",
     "MIN_SELECTION_CELLS",
+    "REFERENCE_SEED_OFFSET",
     "BestStateSelector",
     "CriticEnsemble",
     "ExtraGradientUnlearningPlan",
@@ -60,6 +73,8 @@ __all__ = [
     "fisher_noise_std",
     "gather_tensors",
     "loss_auc",
+    "method_reference_pool",
+    "out_calibration",
     "plan_defaults",
     "reset_masks",
     "saliency_scores",

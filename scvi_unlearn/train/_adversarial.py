@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scvi_unlearn.module import SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
+from scvi_unlearn.audit import auc_from_scores
+from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
 from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
@@ -50,6 +51,10 @@ from scvi_unlearn.train._selection import BestStateSelector
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+#: Key of the per-cell reference means in a calibrated plan's held tensors.
+CALIBRATION_KEY = "reference_out_mean"
+_LOSS_COLUMN = SCALAR_FEATURES.index(LOSS_FEATURE)
 
 
 class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
@@ -75,6 +80,12 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
     target_auc, max_utility_loss, patience, select_state
         Early stopping, see :class:`~scvi_unlearn.train.BestStateSelector` (``select_state``
         is its ``select``: False keeps the final state of the fixed budget).
+    calibration_std
+        Per-cell calibrated critics (``extragradient_calibrated``): every held tensor dict then
+        carries, under :data:`CALIBRATION_KEY`, each cell's mean features under the reference
+        models that never trained on it, and the critics see ``(features - that mean) /
+        calibration_std`` (per feature, pooled over cells): the offline LiRA statistic, what a
+        per-cell attacker sees. Early stopping then uses that statistic's AUC too.
     **kwargs
         Passed to :class:`~scvi_unlearn.train.UnlearningTrainingPlan` (``lr``, ``kl_weight``,
         ``seed``, scVI plan arguments).
@@ -98,6 +109,7 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         max_utility_loss: float = 0.05,
         patience: int | None = None,
         select_state: bool = True,
+        calibration_std: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         held = {
@@ -112,6 +124,13 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         self.critics = CriticEnsemble(n_features, n_critics, critic_hidden, seed=self.seed)
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
+        # Per-cell calibration (the LiRA statistic): held tensors then carry each cell's mean
+        # features under the reference models that never saw it (CALIBRATION_KEY).
+        self.calibrated = calibration_std is not None
+        if self.calibrated:
+            self._check_calibration(held, n_features)
+            std = torch.as_tensor(calibration_std, dtype=torch.float32).reshape(n_features)
+            self.register_buffer("calibration_std", std)
         self.critic_pretrain_steps = int(critic_pretrain_steps)
         self.critic_pretrain_lr = float(critic_pretrain_lr)
         self.adv_batch_size = int(adv_batch_size)
@@ -124,7 +143,26 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         """Standardised attack features of held cells (eval mode, differentiable)."""
         with eval_mode(self.module):
             raw = feature_matrix(per_cell_loss_terms(self.module, tensors))
+        if self.calibrated:
+            raw = (raw - tensors[CALIBRATION_KEY]) / self.calibration_std
         return (raw - self.feature_mean) / self.feature_std
+
+    @staticmethod
+    def _check_calibration(held: dict, n_features: int) -> None:
+        for name, tensors in held.items():
+            if tensors is None:
+                continue
+            if CALIBRATION_KEY not in tensors:
+                raise ValueError(
+                    f"Calibrated critics need {CALIBRATION_KEY!r} in the {name} tensors: each "
+                    "cell's mean features under the reference models that left it out."
+                )
+            shape = tuple(tensors[CALIBRATION_KEY].shape)
+            if shape != (n_cells(tensors), n_features):
+                raise ValueError(
+                    f"{name}[{CALIBRATION_KEY!r}] has shape {shape}, expected "
+                    f"({n_cells(tensors)}, {n_features})."
+                )
 
     @torch.no_grad()
     def _all_features(self, tensors: Tensors) -> torch.Tensor:
@@ -215,6 +253,11 @@ class _AdversarialUnlearningPlan(UnlearningTrainingPlan):
         forget_val, nonmember_val = self.held.get("forget_val"), self.held.get("nonmember_val")
         if not n_cells(forget_val or {}) or not n_cells(nonmember_val or {}):
             return math.nan
+        if self.calibrated:  # what a per-cell (LiRA offline) attacker sees, not the raw loss
+            with torch.no_grad():
+                loss_f = self._all_features(forget_val)[:, _LOSS_COLUMN]
+                loss_n = self._all_features(nonmember_val)[:, _LOSS_COLUMN]
+            return float(auc_from_scores(-loss_f.cpu().numpy(), -loss_n.cpu().numpy()))
         return loss_auc(self.module, forget_val, nonmember_val)
 
     def _select(self, epoch: int, retain_elbo: float | None) -> None:

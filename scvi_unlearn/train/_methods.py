@@ -6,18 +6,24 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.data import validation_split
-from scvi_unlearn.train._adversarial import ExtraGradientUnlearningPlan, FrozenCriticPlan
+from scvi_unlearn.train._adversarial import (
+    CALIBRATION_KEY,
+    ExtraGradientUnlearningPlan,
+    FrozenCriticPlan,
+)
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     gather_tensors,
@@ -28,6 +34,12 @@ from scvi_unlearn.train._common import (
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
 from scvi_unlearn.train._params import Param, plan_defaults, resolve_plan_defaults
+from scvi_unlearn.train._references import (
+    DEFAULT_N_REFERENCES,
+    REFERENCE_SEED_OFFSET,
+    method_reference_pool,
+    out_calibration,
+)
 from scvi_unlearn.train._reset import ResetRelearnPlan, request_seed
 
 if TYPE_CHECKING:
@@ -211,7 +223,7 @@ def _retain_validation(run: UnlearningRun, fraction: float) -> tuple[np.ndarray,
     return np.setdiff1d(run.retain, val), val
 
 
-def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
+def _run_adversarial(run: UnlearningRun, plan_cls, calibrated: bool = False) -> dict[str, Any]:
     hp = run.hyperparameters
     f_fit, f_val = _split_validation(run.forget, hp["val_fraction"], run.seed, "forget cells")
     n_fit, n_val = _split_validation(run.nonmembers, hp["val_fraction"], run.seed, "non-members")
@@ -233,12 +245,18 @@ def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
     # Every forget cell takes part in the game (all must be forgotten); the held-out
     # non-members are never shown to the critics. Selection uses (f_val, n_val), so the
     # cells to report on, (f_fit, n_fit), play no part in choosing the epoch.
+    sets = {"forget": run.forget, "nonmember": n_fit, "forget_val": f_val, "nonmember_val": n_val}
+    tensors = {name: gather_tensors(run.model, cells) for name, cells in sets.items()}
+    calibration = {}
+    if calibrated:
+        calibration = _calibrate(run, sets, tensors)
     plan = plan_cls(
         run.model.module,
-        gather_tensors(run.model, run.forget),
-        gather_tensors(run.model, n_fit),
-        forget_val_tensors=gather_tensors(run.model, f_val),
-        nonmember_val_tensors=gather_tensors(run.model, n_val),
+        tensors["forget"],
+        tensors["nonmember"],
+        forget_val_tensors=tensors["forget_val"],
+        nonmember_val_tensors=tensors["nonmember_val"],
+        calibration_std=calibration.get("std"),
         target_auc=hp["target_auc"],
         max_utility_loss=hp["max_utility_loss"],
         patience=hp["patience"],
@@ -260,7 +278,44 @@ def _run_adversarial(run: UnlearningRun, plan_cls) -> dict[str, Any]:
         forget_val_names=run.model.adata.obs_names[f_val].tolist(),
         nonmember_val_names=run.model.adata.obs_names[n_val].tolist(),
     )
+    summary.update({k: v for k, v in calibration.items() if k != "std"})
     return _with_history(summary, runner)
+
+
+def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
+    """Add each cell's OUT-reference mean features to its tensors; return the pooled SD.
+
+    The reference pool is the method's own (:func:`method_reference_pool`), never the audit's
+    shadows.
+    """
+    hp = run.hyperparameters
+    if hp["n_references"] % 2:
+        raise ValueError(
+            f"{run.method}: `n_references` must be even (every cell is left out by exactly half "
+            f"of the reference models), got {hp['n_references']}."
+        )
+    start = time.perf_counter()
+    pool = method_reference_pool(
+        run.model,
+        hp["n_references"],
+        run.seed,
+        hp["reference_cache_dir"],
+        accelerator=run.accelerator,
+        devices=run.devices,
+        progress_bar=run.enable_progress_bar,
+    )
+    everything = np.concatenate(list(sets.values())).astype(np.int64)
+    _, std = out_calibration(pool, everything)
+    for name, cells in sets.items():
+        mean, _ = out_calibration(pool, np.asarray(cells, dtype=np.int64))
+        tensors[name][CALIBRATION_KEY] = torch.as_tensor(mean, dtype=torch.float32)
+    return {
+        "std": torch.as_tensor(std, dtype=torch.float32),
+        "n_references": pool.n_shadows,
+        "reference_seed": REFERENCE_SEED_OFFSET + run.seed,
+        "reference_seconds": float(time.perf_counter() - start),
+        "reference_train_seconds": float(sum(pool.train_seconds)),
+    }
 
 
 def _with_history(summary: dict[str, Any], runner) -> dict[str, Any]:
@@ -283,6 +338,10 @@ def _with_history(summary: dict[str, Any], runner) -> dict[str, Any]:
 
 def _run_extragradient(run: UnlearningRun) -> dict[str, Any]:
     return _run_adversarial(run, ExtraGradientUnlearningPlan)
+
+
+def _run_extragradient_calibrated(run: UnlearningRun) -> dict[str, Any]:
+    return _run_adversarial(run, ExtraGradientUnlearningPlan, calibrated=True)
 
 
 def _run_frozen(run: UnlearningRun) -> dict[str, Any]:
@@ -499,6 +558,28 @@ METHODS: dict[str, MethodSpec] = {
         default_max_epochs=20,
         run=_run_extragradient,
         description="extragradient co-training against forget-vs-non-member critics",
+        plan=ExtraGradientUnlearningPlan,
+    ),
+    "extragradient_calibrated": MethodSpec(
+        "extragradient_calibrated",
+        {
+            **_TRAINING,
+            **_SELECTION,
+            **_GAME,
+            **_BUDGET,
+            "critic_lr": Param(kind="float", low=0, low_open=True, allow_none=True),
+            "n_references": Param(
+                DEFAULT_N_REFERENCES, "int", low=4, doc="method reference models (even, >= 4)"
+            ),
+            "reference_cache_dir": Param(
+                None, "str", allow_none=True, doc="default: <shadow cache>/method_references"
+            ),
+        },
+        needs_nonmembers=True,
+        default_max_epochs=20,
+        run=_run_extragradient_calibrated,
+        description="extragradient against critics that see each cell calibrated by its own "
+        "OUT reference models (the LiRA statistic)",
         plan=ExtraGradientUnlearningPlan,
     ),
     "frozen_critic": MethodSpec(

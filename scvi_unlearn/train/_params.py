@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ class Param:
         Default value; :data:`FROM_PLAN` (the default) reads it from the training plan's
         signature (see :func:`resolve_plan_defaults`), so no default is written twice.
     kind
-        ``"int"``, ``"float"`` or ``"bool"``.
+        ``"int"``, ``"float"``, ``"bool"`` or ``"str"`` (a string or path).
     low, high
         Bounds (``None``: unbounded).
     low_open, high_open
@@ -67,6 +68,10 @@ class Param:
             if not isinstance(value, bool):
                 raise TypeError(f"{where} must be True or False, got {value!r}.")
             return value
+        if self.kind == "str":
+            if not isinstance(value, str | os.PathLike):
+                raise TypeError(f"{where} must be a string or path, got {value!r}.")
+            return str(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(
                 f"{where} must be a {self.kind}, got {type(value).__name__} {value!r}."

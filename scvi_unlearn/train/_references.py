@@ -1,0 +1,86 @@
+"""A method's own reference pool: models trained on random halves of the cells.
+
+Methods that need to know what a cell looks like to a model that never saw it (per-cell
+calibrated critics, oracle targets) train a pool of reference models with the target's recipe.
+It is a *separate* pool from the audit's shadows: its seeds live in their own namespace and its
+cache in its own folder, so a method is never judged by the models it was tuned against (the
+protocol's rule; :ref:`methods-protocol`). It is paid once per data set and recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scvi_unlearn._recipe import Recipe
+from scvi_unlearn.audit import ShadowPool, default_cache_dir, train_shadow_pool
+
+#: Added to the run's seed for reference pools: an audit's shadows (seed ``s``) and a method's
+#: references never share a membership draw or a cache entry.
+REFERENCE_SEED_OFFSET = 100_003
+#: Reference models a method trains when none is given (each cell OUT for half of them).
+DEFAULT_N_REFERENCES = 4
+
+
+def reference_cache_dir(cache_dir: str | Path | bool | None = None) -> Path | None:
+    """Where reference pools are cached.
+
+    ``cache_dir`` itself when given, ``False`` for no cache, otherwise
+    ``<shadow cache>/method_references`` (beside, never inside, the audit's shadow entries).
+    """
+    if cache_dir is False:
+        return None
+    return Path(cache_dir) if cache_dir else default_cache_dir() / "method_references"
+
+
+def method_reference_pool(
+    model,
+    n_references: int = DEFAULT_N_REFERENCES,
+    seed: int = 0,
+    cache_dir: str | Path | bool | None = None,
+    accelerator: str = "auto",
+    devices="auto",
+    progress_bar: bool = False,
+) -> ShadowPool:
+    """Train (or load) the reference pool of ``model``'s data and recipe.
+
+    Every cell of the model's AnnData is IN for exactly half of the references.
+    """
+    adata = model.adata
+    return train_shadow_pool(
+        adata,
+        Recipe.from_model(model),
+        int(n_references),
+        np.arange(adata.n_obs),
+        REFERENCE_SEED_OFFSET + int(seed),
+        reference_cache_dir(cache_dir),
+        accelerator=accelerator,
+        devices=devices,
+        progress_bar=progress_bar,
+    )
+
+
+def out_calibration(pool: ShadowPool, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's mean features under the references that left it out, and a pooled SD.
+
+    The SD is per feature, of those OUT values around their cell's mean, pooled over cells
+    (offline LiRA's fixed variance: two OUT models per cell cannot give a per-cell SD).
+
+    Returns ``(mean, std)`` of shapes ``(len(cells), n_features)`` and ``(n_features,)``.
+    Raises if a cell has no OUT reference.
+    """
+    feats = pool.features[:, cells]  # (n_refs, n_cells, n_features)
+    out = ~pool.in_mask[:, cells]
+    count = out.sum(0)
+    if (count == 0).any():
+        raise ValueError(
+            f"{int((count == 0).sum())} cells have no reference model that left them out; "
+            "use at least 2 references."
+        )
+    weights = out[..., None].astype(float)
+    mean = (feats * weights).sum(0) / count[:, None]
+    resid = (feats - mean) * weights
+    dof = max(int(count.sum()) - cells.size, 1)
+    std = np.sqrt((resid**2).sum((0, 1)) / dof)
+    return mean, np.maximum(std, 1e-8)
