@@ -126,11 +126,24 @@ def cmd_audit(args) -> int:
         seed=args.seed,
         cache_dir=args.cache_dir,
         accelerator=args.accelerator,
+        group_key=args.group_key,
         **overrides,
     ).fit()
     report = mi.audit(model, members=members, nonmembers=nonmembers)
     print(_nonmember_note(report, from_file=bool(args.nonmembers)))
-    return _write_report(report, Path(args.out))
+    code = _write_report(report, Path(args.out))
+    if args.group_key:
+        _write_group_report(mi.audit_groups(model), Path(args.out))
+    return code
+
+
+def _write_group_report(report, out: Path) -> None:
+    """The donor-level (group-level) audit: one p-value and verdict per group."""
+    print()
+    print(repr(report))
+    report.to_json(str(out / "group_audit.json"))
+    report.to_frame().to_csv(out / "group_audit.csv")
+    print(f"Wrote {out / 'group_audit.json'}, {out / 'group_audit.csv'}")
 
 
 #: Fewer non-members than this cannot measure a TPR at 1% FPR.
@@ -254,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--members", help="Text file of member obs names or positions.")
     audit.add_argument("--nonmembers", help="Text file of non-member obs names or positions.")
     audit.add_argument("--n-shadows", type=int, default=DEFAULT_N_SHADOWS)
+    audit.add_argument(
+        "--group-key",
+        default=None,
+        help="obs column of donors (e.g. sample_id): shadows train on halves of the donors and "
+        "a donor-level audit (a p-value and verdict per donor) is written as well.",
+    )
     audit.add_argument(
         "--shadow-epochs",
         type=int,

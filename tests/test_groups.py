@@ -31,8 +31,9 @@ def test_shadows_train_on_whole_donors(donor_case):
     donors = adata.obs["donor"].to_numpy()
     for k in range(mi.n_shadows):
         in_share = {d: mi.shadows_.in_mask[k, donors == d].mean() for d in np.unique(donors)}
-        # train_size=1.0: a donor is all IN or all OUT of each shadow.
+        # train_size=1.0: a donor is all IN or all OUT of each shadow, which trains on 3 of 6.
         assert set(in_share.values()) <= {0.0, 1.0}
+        assert sum(in_share.values()) == 3
     # Every donor is IN for exactly half of the shadows.
     per_donor = [mi.shadows_.in_mask[:, donors == d].mean(1) for d in np.unique(donors)]
     assert all(share.sum() == mi.n_shadows // 2 for share in per_donor)
@@ -46,6 +47,8 @@ def test_left_out_donor_is_told_from_trained_donors(donor_case):
     assert table.drop(index=left_out)["member"].all()
     # The donor the model never saw sits below every trained donor, and is not called a leak.
     assert table.loc[left_out, "t"] < table.drop(index=left_out)["t"].min()
+    # Closer to its OUT shadows than to its IN ones; every trained donor the other way round.
+    assert table.loc[left_out, "lira_online"] < 0 < table.drop(index=left_out)["lira_online"].min()
     assert report.verdict(left_out) != "leak"
     assert (table.drop(index=left_out)["verdict"] == "leak").any()
     assert "NO EVIDENCE" in report.explain(left_out) or "UNDERPOWERED" in report.explain(left_out)
@@ -108,3 +111,25 @@ def test_bad_group_requests_are_refused():
     plain = su.MembershipInference(adata, **kw)
     with pytest.raises(ValueError, match="construct MembershipInference with group_key"):
         plain.audit_groups(None)
+
+
+def test_cli_writes_a_donor_level_audit(tmp_path, capsys):
+    import scvi
+
+    from scvi_unlearn.cli import main
+
+    adata = su.data.synthetic_pbmc(n_cells=160, n_genes=60, n_donors=4, seed=4)
+    lab = adata.copy()
+    scvi.model.SCVI.setup_anndata(lab)
+    plain = scvi.model.SCVI(lab, n_latent=4, n_hidden=32)
+    plain.train(max_epochs=3, train_size=0.8, accelerator="cpu", enable_progress_bar=False)
+    plain.save(str(tmp_path / "model"), overwrite=True)
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    out = tmp_path / "out"
+    code = main(["audit", str(tmp_path / "model"), str(tmp_path / "data.h5ad"),
+                 "--n-shadows", "2", "--group-key", "donor", "--cache-dir",
+                 str(tmp_path / "cache"), "--accelerator", "cpu", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = su.GroupAuditReport.from_json(str(out / "group_audit.json"))
+    assert sorted(report.table.index) == sorted(adata.obs["donor"].unique())
+    assert "GroupAuditReport(4 groups by 'donor')" in capsys.readouterr().out

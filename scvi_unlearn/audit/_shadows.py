@@ -69,6 +69,32 @@ def balanced_membership(n_shadows: int, n_cells: int, seed: int) -> np.ndarray:
     return keys.argsort(0).argsort(0) < n_shadows // 2
 
 
+def paired_membership(n_shadows: int, n_groups: int, seed: int) -> np.ndarray:
+    """Complementary pairs: shadows ``2j`` and ``2j + 1`` split the groups into two halves.
+
+    Every group is IN for exactly half of the shadows, and every shadow trains on half of the
+    groups (a random draw per group, as :func:`balanced_membership` makes, could leave a shadow
+    with no donor at all when there are only a few).
+
+    Examples
+    --------
+    >>> m = paired_membership(4, 5, seed=0)
+    >>> m.sum(0).tolist(), m.sum(1).tolist() in ([2, 3, 2, 3], [3, 2, 3, 2], [2, 3, 3, 2],
+    ...                                          [3, 2, 2, 3])
+    ([2, 2, 2, 2, 2], True)
+    """
+    if n_shadows < 2 or n_shadows % 2:
+        raise ValueError(f"n_shadows must be an even number >= 2, got {n_shadows}.")
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((n_shadows, n_groups), dtype=bool)
+    for j in range(n_shadows // 2):
+        order = rng.permutation(n_groups)
+        first = order[: (n_groups + rng.integers(0, 2)) // 2]  # odd counts: either half larger
+        mask[2 * j, first] = True
+        mask[2 * j + 1] = ~mask[2 * j]
+    return mask
+
+
 @dataclass
 class ShadowPool:
     """Shadow models trained with one recipe on random halves of ``pool`` cells.
@@ -157,7 +183,8 @@ def train_shadow_pool(
 
     Each shadow is cached as soon as it is done, so an interrupted run resumes. With
     ``groups`` (an integer code per pool cell, e.g. the donor), whole groups are IN or OUT:
-    every group is IN for exactly half the shadows, and so are its cells.
+    every group is IN for exactly half the shadows, and so are its cells, and every shadow
+    trains on half of the groups (:func:`paired_membership`).
     """
     if groups is None:
         membership = balanced_membership(n_shadows, pool.size, seed)
@@ -167,7 +194,7 @@ def train_shadow_pool(
             raise ValueError(
                 f"`groups` needs one code per pool cell ({pool.size}), got {groups.size}."
             )
-        membership = balanced_membership(n_shadows, int(groups.max()) + 1, seed)[:, groups]
+        membership = paired_membership(n_shadows, int(groups.max()) + 1, seed)[:, groups]
     key = _cache_key(adata, recipe, n_shadows, pool, seed, groups)
     folder = None if cache_dir is None else Path(cache_dir) / key
     if folder is not None:
@@ -234,5 +261,5 @@ def _cache_key(
     h.update(np.ascontiguousarray(pool, dtype=np.int64).tobytes())
     h.update(f"{n_shadows}-{seed}-v{_CACHE_VERSION}".encode())
     if groups is not None:  # per-cell pools keep their old keys
-        h.update(b"groups" + np.ascontiguousarray(groups, dtype=np.int64).tobytes())
+        h.update(b"paired-groups" + np.ascontiguousarray(groups, dtype=np.int64).tobytes())
     return f"shadows-{h.hexdigest()[:20]}"
