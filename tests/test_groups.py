@@ -40,7 +40,9 @@ def test_shadows_train_on_whole_donors(donor_case):
 
 
 def test_left_out_donor_is_told_from_trained_donors(donor_case):
-    report = donor_case["mi"].audit_groups(donor_case["target"])
+    # 5 of 6 donors vs shadows on 3: the audit says the shadows do not match the model.
+    with pytest.warns(UserWarning, match=r"groups_out=1"):
+        report = donor_case["mi"].audit_groups(donor_case["target"])
     table, left_out = report.table, donor_case["left_out"]
     assert report.metadata["members_from"] == "recorded training cells"
     assert table.loc[left_out, "member"] == False  # noqa: E712 (object column)
@@ -58,7 +60,11 @@ def test_left_out_donor_is_told_from_trained_donors(donor_case):
 
 
 def test_group_report_round_trips(donor_case, tmp_path):
-    report = donor_case["mi"].audit_groups(donor_case["target"], members=["donor_0", "donor_1"])
+    # 2 of 6 given as members vs shadows on 3: a size mismatch, warned about.
+    with pytest.warns(UserWarning, match="trained on 2 of 6"):
+        report = donor_case["mi"].audit_groups(
+            donor_case["target"], members=["donor_0", "donor_1"]
+        )
     assert report.table["member"].sum() == 2 and report.metadata["members_from"] == "given"
     # 2 vs 4 groups: an AUC with a stated (here: hopeless) power.
     assert np.isfinite(report.auc) and report.metadata["auc_verdict"] in su.audit.VERDICTS
@@ -72,6 +78,22 @@ def test_group_report_round_trips(donor_case, tmp_path):
         report.verdict("donor_99")
     with pytest.raises(ValueError, match="not in 'donor'"):
         donor_case["mi"].audit_groups(donor_case["target"], members=["donor_99"])
+
+
+def test_shadows_can_leave_out_as_many_groups_as_the_model():
+    from scvi_unlearn.audit._shadows import leave_out_membership
+
+    design = leave_out_membership(12, 6, 1, seed=3)
+    assert (~design).sum(1).tolist() == [1] * 12  # each shadow misses one donor
+    assert (~design).sum(0).tolist() == [2] * 6  # each donor is missed by two shadows
+    adata = su.data.synthetic_pbmc(n_cells=120, n_genes=40, n_donors=4, seed=1)
+    recipe = su.Recipe(model_kwargs={"n_latent": 2}, train_kwargs={"max_epochs": 1})
+    with pytest.raises(ValueError, match="use a multiple of 4 shadows, at least 8"):
+        su.MembershipInference(
+            adata, recipe, n_shadows=6, cache_dir=False, group_key="donor", groups_out=1
+        ).fit(progress_bar=False)
+    with pytest.raises(ValueError, match="`groups_out` needs `group_key`"):
+        su.MembershipInference(adata, recipe, n_shadows=2, cache_dir=False, groups_out=1)
 
 
 def test_group_test_statistics_by_hand():

@@ -95,6 +95,39 @@ def paired_membership(n_shadows: int, n_groups: int, seed: int) -> np.ndarray:
     return mask
 
 
+def leave_out_membership(n_shadows: int, n_groups: int, n_out: int, seed: int) -> np.ndarray:
+    """Each shadow leaves out ``n_out`` groups, and every group is left out equally often.
+
+    Matches shadows to an audited model that trained on all but ``n_out`` groups (a model
+    retrained without a withdrawn donor): the groups are cycled through in random orders, so
+    each is OUT for exactly ``n_shadows * n_out / n_groups`` shadows (which must be a whole
+    number >= 2, for a variance).
+
+    Examples
+    --------
+    >>> m = leave_out_membership(16, 8, 1, seed=0)
+    >>> (~m).sum(0).tolist(), (~m).sum(1).max()
+    ([2, 2, 2, 2, 2, 2, 2, 2], np.int64(1))
+    """
+    total = n_shadows * n_out
+    if not 1 <= n_out < n_groups or total % n_groups or total // n_groups < 2:
+        step = n_groups // int(np.gcd(n_out, n_groups))
+        least = -(-2 * n_groups // n_out)
+        raise ValueError(
+            f"{n_shadows} shadows that each leave out {n_out} of {n_groups} groups cannot leave "
+            f"every group out equally often and at least twice: use a multiple of {step} "
+            f"shadows, at least {least}."
+        )
+    rng = np.random.default_rng(seed)
+    cycle = np.concatenate([rng.permutation(n_groups) for _ in range(total // n_groups)])
+    mask = np.ones((n_shadows, n_groups), dtype=bool)
+    for k in range(n_shadows):
+        mask[k, cycle[k * n_out : (k + 1) * n_out]] = False
+    if (mask.sum(1) != n_groups - n_out).any():  # a group drawn twice for one shadow: redraw
+        return leave_out_membership(n_shadows, n_groups, n_out, seed + 1)
+    return mask
+
+
 @dataclass
 class ShadowPool:
     """Shadow models trained with one recipe on random halves of ``pool`` cells.
@@ -178,13 +211,15 @@ def train_shadow_pool(
     progress_bar: bool = True,
     feature_batch_size: int = 2048,
     groups: np.ndarray | None = None,
+    groups_out: int | None = None,
 ) -> ShadowPool:
     """Train (or load from cache) the shadow models and featurise every cell under each.
 
     Each shadow is cached as soon as it is done, so an interrupted run resumes. With
     ``groups`` (an integer code per pool cell, e.g. the donor), whole groups are IN or OUT:
     every group is IN for exactly half the shadows, and so are its cells, and every shadow
-    trains on half of the groups (:func:`paired_membership`).
+    trains on half of the groups (:func:`paired_membership`); with ``groups_out``, every
+    shadow trains on all groups but ``groups_out`` (:func:`leave_out_membership`).
     """
     if groups is None:
         membership = balanced_membership(n_shadows, pool.size, seed)
@@ -194,8 +229,14 @@ def train_shadow_pool(
             raise ValueError(
                 f"`groups` needs one code per pool cell ({pool.size}), got {groups.size}."
             )
-        membership = paired_membership(n_shadows, int(groups.max()) + 1, seed)[:, groups]
-    key = _cache_key(adata, recipe, n_shadows, pool, seed, groups)
+        n_groups = int(groups.max()) + 1
+        design = (
+            paired_membership(n_shadows, n_groups, seed)
+            if groups_out is None
+            else leave_out_membership(n_shadows, n_groups, int(groups_out), seed)
+        )
+        membership = design[:, groups]
+    key = _cache_key(adata, recipe, n_shadows, pool, seed, groups, groups_out)
     folder = None if cache_dir is None else Path(cache_dir) / key
     if folder is not None:
         done = folder / "pool.npz"
@@ -253,7 +294,13 @@ def train_shadow_pool(
 
 
 def _cache_key(
-    adata, recipe: Recipe, n_shadows: int, pool: np.ndarray, seed: int, groups=None
+    adata,
+    recipe: Recipe,
+    n_shadows: int,
+    pool: np.ndarray,
+    seed: int,
+    groups=None,
+    groups_out=None,
 ) -> str:
     h = hashlib.sha256()
     h.update(adata_fingerprint(adata).encode())
@@ -262,4 +309,6 @@ def _cache_key(
     h.update(f"{n_shadows}-{seed}-v{_CACHE_VERSION}".encode())
     if groups is not None:  # per-cell pools keep their old keys
         h.update(b"paired-groups" + np.ascontiguousarray(groups, dtype=np.int64).tobytes())
+    if groups_out is not None:
+        h.update(f"leave-out-{int(groups_out)}".encode())
     return f"shadows-{h.hexdigest()[:20]}"
