@@ -58,8 +58,8 @@ logger = logging.getLogger(__name__)
 
 #: Shadow models per audit, the one default of every entry point (library, CLI, ``unlearn``).
 #: Chosen from ``benchmarks/results/audit_calibration``: on Kang and pbmc3k subsets, 8 shadows
-#: gave LiRA online 97-99% of the 16-shadow AUC (0.92 vs 0.93) and the same TPR at 1% FPR
-#: (0.48), at half the cost; 4 gave 0.90 / 0.43; below 4 no reference band can be formed.
+#: gave LiRA online 99% of the 16-shadow AUC (0.923 vs 0.935) and TPR at 1% FPR 0.48 vs 0.49,
+#: at half the cost; 4 gave 0.90 / 0.42; below 4 no reference band can be formed.
 DEFAULT_N_SHADOWS = 8
 
 _LOSS_COL = SCALAR_FEATURES.index(LOSS_FEATURE)
