@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -31,6 +32,24 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def dump_json(data: Any, path: str | None = None) -> str:
+    """``data`` as indented JSON (NaN as null, :func:`to_jsonable`), written to ``path`` too."""
+    text = json.dumps(to_jsonable(data), indent=2)
+    if path is not None:
+        with open(path, "w") as handle:
+            handle.write(text)
+    return text
+
+
+def load_json(text_or_path: str) -> Any:
+    """Parse a JSON object given as a string, or read it from a file path."""
+    text = text_or_path
+    if not text_or_path.lstrip().startswith("{"):
+        with open(text_or_path) as handle:
+            text = handle.read()
+    return json.loads(text)
 
 
 def parse_key_value(text: str, what: str = "KEY=VALUE") -> tuple[str, str]:

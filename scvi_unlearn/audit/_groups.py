@@ -9,7 +9,6 @@ group's own OUT distribution (:ref:`methods-groups`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from math import comb
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from scvi_unlearn._utils import to_jsonable
+from scvi_unlearn._utils import dump_json, load_json
 from scvi_unlearn._verdict import (
     BELOW_REFERENCE,
     LEAK,
@@ -230,20 +229,12 @@ class GroupAuditReport:
             "auc_ci": list(self.auc_ci),
             "metadata": self.metadata,
         }
-        text = json.dumps(to_jsonable(data), indent=2)
-        if path is not None:
-            with open(path, "w") as handle:
-                handle.write(text)
-        return text
+        return dump_json(data, path)
 
     @classmethod
     def from_json(cls, text_or_path: str) -> GroupAuditReport:
         """Read a report written by :meth:`to_json` (a JSON string or a file path)."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path) as handle:
-                text = handle.read()
-        data = json.loads(text)
+        data = load_json(text_or_path)
         table = pd.DataFrame(data["table"]).set_index(data["group_key"])
         nan = float("nan")  # numeric columns read JSON null as NaN already
         ci = tuple(nan if v is None else v for v in data["auc_ci"])

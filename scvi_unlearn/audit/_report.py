@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from scvi_unlearn._utils import to_jsonable
+from scvi_unlearn._utils import dump_json, load_json, to_jsonable
 from scvi_unlearn._verdict import (
     BELOW_REFERENCE,
     LEAK,
@@ -299,20 +298,12 @@ class AuditReport:
 
     def to_json(self, path: str | None = None) -> str:
         """Serialise to JSON (and write it to ``path`` if given)."""
-        text = json.dumps(to_jsonable(self.to_dict()), indent=2)
-        if path is not None:
-            with open(path, "w") as handle:
-                handle.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str) -> AuditReport:
         """Read a report written by :meth:`to_json` (a JSON string or a file path)."""
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path) as handle:
-                text = handle.read()
-        data = json.loads(text)
+        data = load_json(text_or_path)
         results = {}
         for name, r in data["results"].items():
             # JSON null stands for NaN in numbers (see to_jsonable).
