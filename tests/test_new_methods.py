@@ -161,3 +161,67 @@ def test_a_forgotten_donor_loses_its_batch_columns():
     # Forgetting some, not all, of a donor's cells leaves its column to the saliency rule.
     partial = model.unlearn(forget[:5], method="reset_relearn", max_epochs=1, accelerator="cpu")
     assert partial.provenance["events"][-1]["metrics"]["reset_batches"] == []
+
+
+# -- oracle matching ---------------------------------------------------------------------------
+def test_oracle_targets_are_the_model_plus_out_minus_in_reference_means(small_model):
+    module = small_model.module
+    tensors = su.train.gather_tensors(small_model, np.arange(6))
+    refs = []
+    for k in range(4):  # four distinct "reference" models: the trained one, perturbed
+        state = copy.deepcopy(module.state_dict())
+        for name, value in state.items():
+            if value.dtype.is_floating_point and "running" not in name:
+                gen = torch.Generator().manual_seed(k)
+                state[name] = value + 0.05 * torch.randn(value.shape, generator=gen)
+        refs.append(state)
+    in_mask = np.array(
+        [[1, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 1], [1, 1, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0]], bool
+    )
+    targets = su.train.oracle_targets(module, refs, in_mask, tensors)
+
+    from scvi_unlearn.train._oracle import model_outputs
+
+    base_mu, base_score = model_outputs(module, tensors)
+    probe = copy.deepcopy(module)
+    outputs = []
+    for state in refs:
+        probe.load_state_dict(state)
+        outputs.append(model_outputs(probe, tensors))
+    for cell in range(6):
+        ins = [outputs[k] for k in range(4) if in_mask[k, cell]]
+        outs = [outputs[k] for k in range(4) if not in_mask[k, cell]]
+        for j, base in ((0, base_mu), (1, base_score)):
+            expected = (
+                base[cell]
+                + torch.stack([o[j][cell] for o in outs]).mean(0)
+                - torch.stack([o[j][cell] for o in ins]).mean(0)
+            )
+            got = targets["log_mu" if j == 0 else "score"][cell]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the trained model's own weights are untouched
+    torch.testing.assert_close(model_outputs(module, tensors)[1], base_score)
+
+
+def test_oracle_targets_need_an_in_and_an_out_reference_per_cell(small_model):
+    tensors = su.train.gather_tensors(small_model, np.arange(3))
+    state = small_model.module.state_dict()
+    in_mask = np.array([[1, 0, 1], [1, 1, 0]], bool)  # cell 0 is IN for both
+    with pytest.raises(ValueError, match="one that left it out"):
+        su.train.oracle_targets(small_model.module, [state, state], in_mask, tensors)
+
+
+def test_oracle_matching_forgets_with_its_own_reference_pool(forget_case, tmp_path):
+    model, forget = forget_case["model"], forget_case["forget"]
+    out = model.unlearn(
+        forget, method="oracle_matching", accelerator="cpu", seed=0, max_epochs=20,
+        reference_cache_dir=str(tmp_path), enable_progress_bar=False,
+    )  # fmt: skip
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["n_references"] == su.train.DEFAULT_N_REFERENCES
+    assert metrics["reference_seed"] == su.train.REFERENCE_SEED_OFFSET
+    # weights cached beside the features, as plain tensors
+    assert len(list(tmp_path.rglob("model_*.pt"))) == su.train.DEFAULT_N_REFERENCES
+    before, after = _lira_auc(forget_case, model), _lira_auc(forget_case, out)
+    assert before > 0.75
+    assert after < before - 0.2, (before, after)

@@ -280,6 +280,7 @@ _PLANS = {
     "gradient_ascent": GradientAscentPlan,
     "scrub": SCRUBPlan,
     "reset_relearn": su.train.ResetRelearnPlan,
+    "oracle_matching": su.train.OracleMatchingPlan,
     "retrain_fast": su.train.FastRetrainPlan,
     "retrain": scvi.train.TrainingPlan,
 }
@@ -291,7 +292,8 @@ def test_every_method_trains_under_lightning_without_touching_adata(
 ):
     adata, split = setting["adata"], setting["split"]
     layers_before = dict(adata.layers)
-    extra = {"reference_cache_dir": str(reference_dir)} if "calibrated" in method else {}
+    uses_references = "n_references" in METHODS[method].params
+    extra = {"reference_cache_dir": str(reference_dir)} if uses_references else {}
     new = setting["model"].unlearn(
         adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", max_epochs=2,
         **extra,

@@ -26,7 +26,7 @@ from scvi_unlearn.audit._attacks import (
 from scvi_unlearn.audit._certificate import write_certificate
 from scvi_unlearn.audit._features import attack_features
 from scvi_unlearn.audit._fingerprint import cells_sha256, counts_sha256, weights_sha256
-from scvi_unlearn.audit._groups import GroupAuditReport, group_test
+from scvi_unlearn.audit._groups import GroupAuditReport, group_codes, group_test
 from scvi_unlearn.audit._membership import DEFAULT_N_SHADOWS, MembershipInference
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
@@ -76,6 +76,7 @@ __all__ = [
     "family_level",
     "feature_matrix",
     "fit_shadow_classifier",
+    "group_codes",
     "group_test",
     "judge",
     "lira_scores",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from scipy import sparse
 from scvi.utils import track
 
@@ -146,6 +147,10 @@ class ShadowPool:
     pool: np.ndarray
     feature_names: tuple[str, ...]
     train_seconds: list[float]
+    #: Each model's weights (``state_dict``), only when the pool was trained with
+    #: ``keep_models=True`` (methods that need a reference model's outputs, not only its
+    #: features: ``oracle_matching``).
+    state_dicts: list[dict] | None = None
 
     @property
     def n_shadows(self) -> int:
@@ -212,8 +217,14 @@ def train_shadow_pool(
     feature_batch_size: int = 2048,
     groups: np.ndarray | None = None,
     groups_out: int | None = None,
+    keep_models: bool = False,
 ) -> ShadowPool:
     """Train (or load from cache) the shadow models and featurise every cell under each.
+
+    With ``keep_models``, each model's weights are kept too (``ShadowPool.state_dicts``) and
+    cached beside its features as a plain tensor file (``model_k.pt``, read back with
+    ``torch.load(weights_only=True)``); a cached pool without them is completed by training
+    the models again (same seeds, same cells, so the same features).
 
     Each shadow is cached as soon as it is done, so an interrupted run resumes. With
     ``groups`` (an integer code per pool cell, e.g. the donor), whole groups are IN or OUT:
@@ -238,11 +249,19 @@ def train_shadow_pool(
         membership = design[:, groups]
     key = _cache_key(adata, recipe, n_shadows, pool, seed, groups, groups_out)
     folder = None if cache_dir is None else Path(cache_dir) / key
+
+    def model_file(k: int) -> Path | None:
+        return None if folder is None else folder / f"model_{k}.pt"
+
     if folder is not None:
         done = folder / "pool.npz"
-        if done.exists():
+        have_models = not keep_models or all(model_file(k).exists() for k in range(n_shadows))
+        if done.exists() and have_models:
             logger.info("Loading cached shadow models from %s", folder)
-            return ShadowPool.load(done)
+            result = ShadowPool.load(done)
+            if keep_models:
+                result.state_dicts = [_load_weights(model_file(k)) for k in range(n_shadows)]
+            return result
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").write_text(
             json.dumps(
@@ -260,11 +279,15 @@ def train_shadow_pool(
     features = np.empty((n_shadows, adata.n_obs, len(SCALAR_FEATURES)))
     in_mask = np.zeros((n_shadows, adata.n_obs), dtype=bool)
     seconds: list[float] = []
+    state_dicts: list[dict] = []
     for k in track(
         range(n_shadows), description="Training shadow models", disable=not progress_bar
     ):
         part = None if folder is None else folder / f"shadow_{k}.npz"
-        if part is not None and part.exists():
+        weights = model_file(k)
+        if part is not None and part.exists() and (not keep_models or weights.exists()):
+            if keep_models:
+                state_dicts.append(_load_weights(weights))
             with np.load(part) as f:
                 features[k], in_mask[k] = f["features"], f["in_mask"]
                 seconds.append(float(f["seconds"]))
@@ -283,14 +306,33 @@ def train_shadow_pool(
             in_mask[k, cells[np.asarray(shadow.train_indices, dtype=int)]] = True
             features[k] = attack_features(shadow, adata, batch_size=feature_batch_size).to_numpy()
         seconds.append(time.perf_counter() - start)
+        if keep_models:
+            state_dicts.append(
+                {n: v.detach().cpu().clone() for n, v in shadow.module.state_dict().items()}
+            )
+            if weights is not None:
+                _atomic_torch_save(state_dicts[-1], weights)
         if part is not None:
             np.savez_compressed(
                 part, features=features[k], in_mask=in_mask[k], seconds=seconds[-1]
             )
-    result = ShadowPool(features, in_mask, pool, SCALAR_FEATURES, seconds)
+    result = ShadowPool(
+        features, in_mask, pool, SCALAR_FEATURES, seconds, state_dicts if keep_models else None
+    )
     if folder is not None:
         result.save(folder / "pool.npz")
     return result
+
+
+def _load_weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _atomic_torch_save(state: dict, path: Path) -> None:
+    """Write to a temporary name, then rename: a killed run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _cache_key(

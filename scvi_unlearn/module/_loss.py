@@ -89,7 +89,8 @@ def per_cell_loss_terms(
     -------
     Dict of 1-d tensors (one value per cell): ``reconstruction_nll`` (negative log-likelihood
     of the counts), ``kl_z`` (KL of q(z|x) from the prior), ``neg_elbo`` (their sum, scVI's
-    own per-cell scale), ``library`` (total counts), plus 2-d ``qz_mean`` and ``qz_var``.
+    own per-cell scale), ``library`` (total counts), plus 2-d ``qz_mean``, ``qz_var`` and
+    ``px_mu`` (the decoder's expected counts per gene).
     """
     inference_inputs = module._get_inference_input(tensors)
     inference_outputs = dict(module.inference(**inference_inputs))
@@ -112,6 +113,7 @@ def per_cell_loss_terms(
         "library": x.sum(-1),
         "qz_mean": qz.loc,
         "qz_var": qz.scale.pow(2),
+        "px_mu": px.mu,
     }
 
 

@@ -31,6 +31,7 @@ from scvi_unlearn.train._methods import (
     MethodSpec,
     UnlearningRun,
 )
+from scvi_unlearn.train._oracle import OracleMatchingPlan, oracle_targets
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
 from scvi_unlearn.train._references import (
     DEFAULT_N_REFERENCES,
@@ -61,6 +62,7 @@ __all__ = [
     "FrozenCriticPlan",
     "GradientAscentPlan",
     "MethodSpec",
+    "OracleMatchingPlan",
     "Param",
     "ResetRelearnPlan",
     "RetainFinetunePlan",
@@ -74,6 +76,7 @@ __all__ = [
     "gather_tensors",
     "loss_auc",
     "method_reference_pool",
+    "oracle_targets",
     "out_calibration",
     "plan_defaults",
     "reset_masks",

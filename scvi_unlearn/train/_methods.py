@@ -33,6 +33,12 @@ from scvi_unlearn.train._common import (
 )
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
+from scvi_unlearn.train._oracle import (
+    TARGET_LOG_MU,
+    TARGET_SCORE,
+    OracleMatchingPlan,
+    oracle_targets,
+)
 from scvi_unlearn.train._params import Param, plan_defaults, resolve_plan_defaults
 from scvi_unlearn.train._references import (
     DEFAULT_N_REFERENCES,
@@ -191,6 +197,14 @@ _BUDGET = {
         doc="share of the retain minibatches drawn (afresh) in each epoch",
     ),
 }
+_REFERENCES = {
+    "n_references": Param(
+        DEFAULT_N_REFERENCES, "int", low=4, doc="method reference models (even, >= 4)"
+    ),
+    "reference_cache_dir": Param(
+        None, "str", allow_none=True, doc="default: <shadow cache>/method_references"
+    ),
+}
 _FISHER = {
     "alpha": Param(kind="float", low=0, doc="scale of the Golatkar noise"),
     "eps": Param(kind="float", low=0, low_open=True),
@@ -289,11 +303,7 @@ def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
     shadows.
     """
     hp = run.hyperparameters
-    if hp["n_references"] % 2:
-        raise ValueError(
-            f"{run.method}: `n_references` must be even (every cell is left out by exactly half "
-            f"of the reference models), got {hp['n_references']}."
-        )
+    _check_even(run, hp["n_references"])
     start = time.perf_counter()
     pool = method_reference_pool(
         run.model,
@@ -367,6 +377,57 @@ def _run_fisher(run: UnlearningRun) -> dict[str, Any]:
     )
     runner = run.fit(plan, run.retain, max_epochs=run.max_epochs)
     return _with_history(dict(plan.edit_summary_ or {}), runner)
+
+
+def _run_oracle_matching(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    _check_even(run, hp["n_references"])
+    start = time.perf_counter()
+    pool = method_reference_pool(
+        run.model,
+        hp["n_references"],
+        run.seed,
+        hp["reference_cache_dir"],
+        accelerator=run.accelerator,
+        devices=run.devices,
+        progress_bar=run.enable_progress_bar,
+        keep_models=True,
+        group_key=hp["group_key"],
+    )
+    reference_seconds = time.perf_counter() - start
+    forget = gather_tensors(run.model, run.forget)
+    targets = oracle_targets(
+        run.model.module, pool.state_dicts, pool.in_mask[:, run.forget], forget
+    )
+    forget[TARGET_LOG_MU] = targets["log_mu"]
+    forget[TARGET_SCORE] = targets["score"]
+    plan = OracleMatchingPlan(
+        run.model.module,
+        forget,
+        score_sd=targets["score_sd"],
+        retain_weight=hp["retain_weight"],
+        score_weight=hp["score_weight"],
+        forget_batch_size=hp["forget_batch_size"],
+        **run.plan_kwargs(),
+    )
+    summary = {
+        "n_references": pool.n_shadows,
+        "reference_seed": REFERENCE_SEED_OFFSET + run.seed,
+        "reference_group_key": hp["group_key"],
+        "reference_seconds": float(reference_seconds),
+        "reference_train_seconds": float(sum(pool.train_seconds)),
+        "oracle_score_shift_mean": float(np.mean(targets["score_shift"])),
+        "oracle_score_sd": targets["score_sd"],
+    }
+    return _with_history(summary, run.fit(plan, run.retain))
+
+
+def _check_even(run: UnlearningRun, n_references: int) -> None:
+    if n_references % 2:
+        raise ValueError(
+            f"{run.method}: `n_references` must be even (every cell is left out by exactly half "
+            f"of the reference models), got {n_references}."
+        )
 
 
 def _run_finetune(run: UnlearningRun) -> dict[str, Any]:
@@ -568,12 +629,7 @@ METHODS: dict[str, MethodSpec] = {
             **_GAME,
             **_BUDGET,
             "critic_lr": Param(kind="float", low=0, low_open=True, allow_none=True),
-            "n_references": Param(
-                DEFAULT_N_REFERENCES, "int", low=4, doc="method reference models (even, >= 4)"
-            ),
-            "reference_cache_dir": Param(
-                None, "str", allow_none=True, doc="default: <shadow cache>/method_references"
-            ),
+            **_REFERENCES,
         },
         needs_nonmembers=True,
         default_max_epochs=20,
@@ -581,6 +637,29 @@ METHODS: dict[str, MethodSpec] = {
         description="extragradient against critics that see each cell calibrated by its own "
         "OUT reference models (the LiRA statistic)",
         plan=ExtraGradientUnlearningPlan,
+    ),
+    "oracle_matching": MethodSpec(
+        "oracle_matching",
+        {
+            **_TRAINING,
+            **_BUDGET,
+            **_REFERENCES,
+            "retain_weight": Param(kind="float", low=0, doc="weight of the retain ELBO term"),
+            "score_weight": Param(kind="float", low=0, doc="weight of the attacker-score term"),
+            "forget_batch_size": Param(kind="int", low=1),
+            "group_key": Param(
+                None,
+                "str",
+                allow_none=True,
+                doc="obs column whose groups the references leave out whole (donor requests)",
+            ),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=10,
+        run=_run_oracle_matching,
+        description="match the forget cells' outputs to oracle targets from reference models "
+        "that left them out (Georgiev et al. 2025)",
+        plan=OracleMatchingPlan,
     ),
     "frozen_critic": MethodSpec(
         "frozen_critic",

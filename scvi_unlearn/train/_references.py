@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from scvi_unlearn._recipe import Recipe
-from scvi_unlearn.audit import ShadowPool, default_cache_dir, train_shadow_pool
+from scvi_unlearn.audit import ShadowPool, default_cache_dir, group_codes, train_shadow_pool
 
 #: Added to the run's seed for reference pools: an audit's shadows (seed ``s``) and a method's
 #: references never share a membership draw or a cache entry.
@@ -42,12 +42,21 @@ def method_reference_pool(
     accelerator: str = "auto",
     devices="auto",
     progress_bar: bool = False,
+    keep_models: bool = False,
+    group_key: str | None = None,
 ) -> ShadowPool:
     """Train (or load) the reference pool of ``model``'s data and recipe.
 
-    Every cell of the model's AnnData is IN for exactly half of the references.
+    Every cell of the model's AnnData is IN for exactly half of the references. With
+    ``group_key`` (an obs column, e.g. the donor), whole groups are IN or OUT together, so a
+    reference that "left a cell out" also left out the rest of its donor (for requests that
+    forget a whole group). ``keep_models`` keeps the references' weights as well as their
+    features (see :func:`~scvi_unlearn.audit.train_shadow_pool`).
     """
     adata = model.adata
+    groups = None
+    if group_key is not None:
+        groups, _ = group_codes(adata, group_key, np.arange(adata.n_obs), min_cells=1)
     return train_shadow_pool(
         adata,
         Recipe.from_model(model),
@@ -58,6 +67,8 @@ def method_reference_pool(
         accelerator=accelerator,
         devices=devices,
         progress_bar=progress_bar,
+        keep_models=keep_models,
+        groups=groups,
     )
 
 
