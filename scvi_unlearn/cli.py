@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KEY=VALUE (e.g. cell_type=Megakaryocytes), donor:ID, random:N[:seed=S], or a "
         "file of obs names / positions; restricted to the model's training cells.",
     )
-    unlearn.add_argument("--method", default="extragradient")
+    unlearn.add_argument("--method", default="auto")
     unlearn.add_argument("--nonmembers", help="File of same-population non-member cells.")
     unlearn.add_argument(
         "--param",

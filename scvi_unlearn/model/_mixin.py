@@ -20,12 +20,17 @@ from scvi_unlearn.model._unlearn import (
     method_spec,
     positions,
     record,
-    resolve_epochs,
+    reporting_cells,
     resolve_nonmembers,
     training_cells,
     weights_fingerprint,
 )
-from scvi_unlearn.train import UnlearningRun, check_hyperparameters, seed_everything
+from scvi_unlearn.train import (
+    UnlearningRun,
+    check_hyperparameters,
+    resolve_epochs,
+    seed_everything,
+)
 
 
 class UnlearningMixin:
@@ -34,7 +39,7 @@ class UnlearningMixin:
     def unlearn(
         self,
         forget_idx: IndexLike,
-        method: str = "extragradient",
+        method: str = "auto",
         nonmembers: IndexLike | None = None,
         inplace: bool = False,
         seed: int = 0,
@@ -55,10 +60,16 @@ class UnlearningMixin:
             Cells to forget: integer positions, a boolean mask or obs names of ``self.adata``;
             all must be training cells of the model.
         method
-            One of :data:`scvi_unlearn.train.METHODS`: ``"extragradient"`` (default),
-            ``"frozen_critic"``, ``"fisher"``, ``"ssd"``, ``"finetune"``,
-            ``"gradient_ascent"``, ``"scrub"``, ``"reset_relearn"``, or the exact
-            ``"retrain_fast"`` and ``"retrain"`` (see :ref:`methods-unlearning`).
+            ``"auto"`` (default): try the approximate methods of ``candidates`` cheapest first,
+            keep the first whose membership audit on development cells (against the method's
+            own reference models) finds no leak and whose held-out neg. ELBO is within
+            ``max_utility_loss`` of the trained model's; otherwise retrain exactly on a
+            ``budget`` (``"retrain_fast"``); the provenance lists every attempt. Or one of
+            :data:`scvi_unlearn.train.METHODS` by name: ``"extragradient"``,
+            ``"extragradient_calibrated"``, ``"oracle_matching"``, ``"frozen_critic"``,
+            ``"fisher"``, ``"ssd"``, ``"finetune"``, ``"gradient_ascent"``, ``"scrub"``,
+            ``"reset_relearn"``, or the exact ``"retrain_fast"`` and ``"retrain"`` (see
+            :ref:`methods-unlearning`).
         nonmembers
             Cells of the same population the model never trained on (positions, mask or obs
             names of ``self.adata``), for the adversarial methods and ``audit=True``. If
@@ -136,9 +147,17 @@ class UnlearningMixin:
         forget = check_forget(self, forget_idx, train)
         nonmember_idx, nonmember_info = None, {"source": None}
         if spec.needs_nonmembers or audit or nonmembers is not None:
-            nonmember_idx, nonmember_info = resolve_nonmembers(
-                self, nonmembers, forget, train, population_key, method
-            )
+            try:
+                nonmember_idx, nonmember_info = resolve_nonmembers(
+                    self, nonmembers, forget, train, population_key, method
+                )
+            except ValueError as err:
+                if method != "auto" or nonmembers is not None or audit:
+                    raise
+                # auto without non-members cannot audit an approximate method: it says so
+                # (a warning from the run) and retrains exactly.
+                nonmember_idx = np.zeros(0, np.int64)
+                nonmember_info = {"source": None, "missing": str(err)}
 
         started_at = datetime.now(timezone.utc).isoformat()
         start = time.perf_counter()
@@ -188,11 +207,14 @@ class UnlearningMixin:
                 audit_nonmembers = as_cell_indices(
                     self.adata, audit_nonmembers, "audit nonmembers"
                 )
+            audit_forget, default_nonmembers = reporting_cells(
+                self.adata, forget, nonmember_idx, metrics
+            )
             summary = audit_result(
                 target,
                 self,
-                forget,
-                nonmember_idx if audit_nonmembers is None else audit_nonmembers,
+                audit_forget,
+                default_nonmembers if audit_nonmembers is None else audit_nonmembers,
                 seed,
                 accelerator,
                 devices,

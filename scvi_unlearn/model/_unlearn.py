@@ -163,30 +163,6 @@ def resolve_nonmembers(model, nonmembers, forget, train, population_key, method)
     }
 
 
-def resolve_epochs(model, spec, method, max_epochs, hyperparameters) -> int:
-    """Epochs of the run.
-
-    Given, else the recipe's (retrain), a share of them (a method with a ``budget`` or
-    ``relearn_budget``) or the method's default.
-    """
-    if max_epochs is not None and "finetune_epochs" not in hyperparameters:
-        return max_epochs
-    if method == "retrain" or "budget" in hyperparameters or "relearn_budget" in hyperparameters:
-        recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
-        full = int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
-        share = hyperparameters.get("budget", hyperparameters.get("relearn_budget", 1.0))
-        return max(1, math.ceil(share * full))
-    if "finetune_epochs" in hyperparameters:
-        ft = hyperparameters["finetune_epochs"]
-        if max_epochs is not None and ft not in (0, max_epochs):
-            raise ValueError(
-                f"`max_epochs`={max_epochs} and `finetune_epochs`={ft} disagree; for "
-                f"'{method}' they are the same thing, pass one."
-            )
-        return max_epochs if max_epochs is not None else ft
-    return spec.default_max_epochs if max_epochs is None else max_epochs
-
-
 def final_kl_weight(model) -> float:
     """The KL weight of the model's last training step, by scvi-tools' own schedule.
 
@@ -252,6 +228,22 @@ def record(target, original, event: dict[str, Any]) -> None:
         "original_n_train": previous.get("original_n_train", event["n_train_before"]),
         "scvi_unlearn_version": event["scvi_unlearn_version"],
     }
+
+
+def reporting_cells(adata, forget, nonmembers, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The forget cells and non-members the method did not select on (the audit's cells).
+
+    Methods that judge their own result on development cells (``auto``, the adversarial
+    methods) record them as ``forget_val_names`` / ``nonmember_val_names``; the audit of
+    ``unlearn(audit=True)`` leaves them out, so its verdict is not the selection rule's own.
+    """
+    names = adata.obs_names
+    forget_dev = set(metrics.get("forget_val_names") or [])
+    nonmember_dev = set(metrics.get("nonmember_val_names") or [])
+    forget = forget[~names[forget].isin(forget_dev)]
+    if nonmembers is not None:
+        nonmembers = nonmembers[~names[nonmembers].isin(nonmember_dev)]
+    return forget, nonmembers
 
 
 def audit_result(

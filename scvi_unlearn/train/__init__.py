@@ -30,6 +30,7 @@ from scvi_unlearn.train._methods import (
     MIN_SELECTION_CELLS,
     MethodSpec,
     UnlearningRun,
+    resolve_epochs,
 )
 from scvi_unlearn.train._oracle import OracleMatchingPlan, oracle_targets
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults
@@ -80,6 +81,7 @@ __all__ = [
     "out_calibration",
     "plan_defaults",
     "reset_masks",
+    "resolve_epochs",
     "saliency_scores",
     "seed_everything",
     "ssd_dampening_factor",

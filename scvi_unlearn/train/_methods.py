@@ -6,6 +6,7 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
@@ -24,6 +26,7 @@ from scvi_unlearn.train._adversarial import (
     ExtraGradientUnlearningPlan,
     FrozenCriticPlan,
 )
+from scvi_unlearn.train._auto import AUTO_CANDIDATES, run_auto
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     gather_tensors,
@@ -216,6 +219,33 @@ _FISHER = {
     "selection_weight": Param(kind="float", low=0, low_open=True),
     "dampening": Param(kind="float", low=0, low_open=True),
 }
+
+
+# -- epochs -------------------------------------------------------------------------------------
+def resolve_epochs(
+    model, spec: MethodSpec, method: str, max_epochs: int | None, hyperparameters: dict
+) -> int:
+    """Epochs of the run.
+
+    Given, else the recipe's (retrain), a share of them (a method with a ``budget`` or
+    ``relearn_budget``) or the method's default.
+    """
+    if max_epochs is not None and "finetune_epochs" not in hyperparameters:
+        return max_epochs
+    if method == "retrain" or "budget" in hyperparameters or "relearn_budget" in hyperparameters:
+        recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
+        full = int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
+        share = hyperparameters.get("budget", hyperparameters.get("relearn_budget", 1.0))
+        return max(1, math.ceil(share * full))
+    if "finetune_epochs" in hyperparameters:
+        ft = hyperparameters["finetune_epochs"]
+        if max_epochs is not None and ft not in (0, max_epochs):
+            raise ValueError(
+                f"`max_epochs`={max_epochs} and `finetune_epochs`={ft} disagree; for "
+                f"'{method}' they are the same thing, pass one."
+            )
+        return max_epochs if max_epochs is not None else ft
+    return spec.default_max_epochs if max_epochs is None else max_epochs
 
 
 # -- runners ----------------------------------------------------------------------------------
@@ -767,6 +797,41 @@ METHODS: dict[str, MethodSpec] = {
         description="exact: fresh weights on the retained cells, a reduced one-cycle budget",
         plan=FastRetrainPlan,
         exact=True,
+    ),
+    "auto": MethodSpec(
+        "auto",
+        {
+            "budget": Param(
+                0.25,
+                "float",
+                low=0,
+                high=1,
+                low_open=True,
+                doc="share of the recipe's epochs for the exact fallback",
+            ),
+            "candidates": Param(
+                ",".join(AUTO_CANDIDATES), "str", doc="approximate methods to try, in order"
+            ),
+            "max_utility_loss": Param(
+                0.05, "float", low=0, doc="largest held-out neg. ELBO increase accepted"
+            ),
+            "val_fraction": Param(
+                0.3,
+                "float",
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=True,
+                doc="share of forget cells and non-members used as development cells",
+            ),
+            "n_bootstrap": Param(200, "int", low=10, doc="bootstrap draws of the gate's audit"),
+            **_REFERENCES,
+        },
+        needs_nonmembers=True,
+        default_max_epochs=0,
+        run=run_auto,
+        description="audit-gated: the first approximate method that passes an audit on "
+        "development cells and keeps utility, else the exact retrain_fast",
     ),
     "retrain": MethodSpec(
         "retrain",

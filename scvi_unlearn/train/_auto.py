@@ -1,0 +1,270 @@
+"""``method="auto"``: try cheap methods, keep the first that passes its audit, else retrain.
+
+The gate of each attempt is a membership audit on *development* cells (a share of the forget
+cells and of the non-members, drawn with the run's seed) against the method's own reference
+pool, never the audit's shadows and never the cells left for reporting; and a utility check on
+held-out cells. An attempt is accepted only when the audit finds no evidence of a leak with
+enough power to have found one, and the held-out negative ELBO is within ``max_utility_loss``
+of the trained model's. When no attempt passes, or when the development cells are too few to
+judge (fewer than :data:`MIN_SELECTION_CELLS` of either), the exact ``retrain_fast`` runs:
+private by construction, so an underpowered gate never lets an approximate method through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from scvi_unlearn._verdict import NO_EVIDENCE
+from scvi_unlearn.audit import MembershipInference
+from scvi_unlearn.module import per_cell_loss_terms
+from scvi_unlearn.train._common import (
+    eval_mode,
+    gather_tensors,
+    iter_chunks,
+    seed_everything,
+    state_copy,
+)
+from scvi_unlearn.train._params import check_hyperparameters
+from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, method_reference_pool
+
+if TYPE_CHECKING:
+    from scvi_unlearn.train._methods import UnlearningRun
+
+#: Approximate methods ``auto`` tries, cheapest first (wall time per request measured in
+#: ``benchmarks/unlearning.py``; the reference pool is paid once per data set and recipe).
+AUTO_CANDIDATES: tuple[str, ...] = ("ssd", "reset_relearn", "oracle_matching")
+#: The exact method ``auto`` falls back to.
+AUTO_FALLBACK = "retrain_fast"
+#: Held-out cells on which utility is measured (a seeded sample when there are more).
+N_UTILITY_CELLS = 2000
+
+
+def parse_candidates(text: str) -> list[str]:
+    """``"ssd,reset_relearn"`` -> ``["ssd", "reset_relearn"]``, checked against the registry."""
+    from scvi_unlearn.train._methods import METHODS
+
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    bad = [n for n in names if n not in METHODS or METHODS[n].exact or n == "auto"]
+    if bad:
+        valid = [n for n, s in METHODS.items() if not s.exact and n != "auto"]
+        raise ValueError(
+            f"`candidates` {bad} are not approximate unlearning methods; choose among {valid} "
+            "(comma-separated). The exact fallback, retrain_fast, always comes last."
+        )
+    return names
+
+
+@torch.no_grad()
+def mean_neg_elbo(module: torch.nn.Module, tensors, chunk_size: int = 1024) -> float:
+    """Mean per-cell negative ELBO (posterior mean, eval mode): the utility of the gate."""
+    total, count = 0.0, 0
+    with eval_mode(module):
+        for chunk in iter_chunks(tensors, chunk_size):
+            values = per_cell_loss_terms(module, chunk)["neg_elbo"]
+            total += float(values.double().sum())
+            count += int(values.numel())
+    return total / max(count, 1)
+
+
+def _development_cells(run: UnlearningRun, fraction: float):
+    """(development, reporting) parts of the forget cells and of the non-members."""
+    from scvi_unlearn.data import validation_split
+
+    def split(cells):
+        if cells.size < 2:
+            return cells[:0], cells
+        report, develop = validation_split(cells, fraction=fraction, seed=run.seed)
+        return develop, report
+
+    f_dev, f_rep = split(run.forget)
+    n_dev, n_rep = split(run.nonmembers)
+    return f_dev, f_rep, n_dev, n_rep
+
+
+def _utility_cells(run: UnlearningRun) -> np.ndarray:
+    """Cells the model never trained on (validation and any other untrained cells)."""
+    n_obs = run.model.adata.n_obs
+    untrained = np.setdiff1d(np.arange(n_obs), np.union1d(run.retain, run.forget))
+    if untrained.size > N_UTILITY_CELLS:
+        untrained = np.sort(run.rng.choice(untrained, N_UTILITY_CELLS, replace=False))
+    return untrained.astype(np.int64)
+
+
+def _gate_audit(run: UnlearningRun, pool, f_dev, n_dev, n_bootstrap: int):
+    """An audit of the run's model on the development cells against the reference pool."""
+    mi = MembershipInference(
+        run.model.adata,
+        recipe=run.model,
+        n_shadows=pool.n_shadows,
+        seed=REFERENCE_SEED_OFFSET + run.seed,
+        cache_dir=False,
+        attacks=("lira_online",),
+        accelerator=run.accelerator,
+        devices=run.devices,
+    )
+    mi.shadows_ = pool  # the method's pool plays the shadows: never the audit's own
+    report = mi.audit(
+        run.model, members=f_dev, nonmembers=n_dev, attacks=("lira_online",),
+        n_bootstrap=n_bootstrap,
+    )  # fmt: skip
+    return report.results["lira_online"]
+
+
+def _audit_record(result) -> dict[str, Any]:
+    return {
+        "auc": float(result.auc),
+        "auc_ci": [float(v) for v in result.auc_ci],
+        "band": None
+        if result.reference_band is None
+        else [float(v) for v in result.reference_band],
+        "detectable_auc": float(result.detectable_auc),
+        "verdict": result.verdict,
+    }
+
+
+def run_auto(run: UnlearningRun) -> dict[str, Any]:
+    """Try the candidates in order; keep the first that passes the gate, else retrain."""
+    from scvi_unlearn.train._methods import METHODS, MIN_SELECTION_CELLS, resolve_epochs
+
+    hp = run.hyperparameters
+    candidates = parse_candidates(hp["candidates"])
+    f_dev, _, n_dev, n_rep = _development_cells(run, hp["val_fraction"])
+    utility_cells = _utility_cells(run)
+    module = run.model.module
+    original = state_copy(module)
+    utility_tensors = gather_tensors(run.model, utility_cells) if utility_cells.size else None
+    reference_utility = None if utility_tensors is None else mean_neg_elbo(module, utility_tensors)
+    summary: dict[str, Any] = {
+        "candidates": candidates,
+        "fallback": AUTO_FALLBACK,
+        "budget": hp["budget"],
+        "max_utility_loss": hp["max_utility_loss"],
+        "n_forget_development": int(f_dev.size),
+        "n_nonmember_development": int(n_dev.size),
+        "forget_val_names": run.model.adata.obs_names[f_dev].tolist(),
+        "nonmember_val_names": run.model.adata.obs_names[n_dev].tolist(),
+        "n_utility_cells": int(utility_cells.size),
+        "reference_neg_elbo": reference_utility,
+        "attempts": [],
+    }
+    skip_reason = None
+    if min(f_dev.size, n_dev.size) < MIN_SELECTION_CELLS:
+        skip_reason = (
+            f"only {f_dev.size} forget and {n_dev.size} non-member development cells (at least "
+            f"{MIN_SELECTION_CELLS} of each are needed to judge an approximate method)"
+        )
+    elif reference_utility is None:
+        skip_reason = "no held-out cells to measure utility on"
+    pool = None
+    if skip_reason is None and candidates:
+        start = time.perf_counter()
+        pool = method_reference_pool(
+            run.model,
+            hp["n_references"],
+            run.seed,
+            hp["reference_cache_dir"],
+            accelerator=run.accelerator,
+            devices=run.devices,
+            progress_bar=run.enable_progress_bar,
+            keep_models="oracle_matching" in candidates,
+        )
+        summary["reference_seconds"] = float(time.perf_counter() - start)
+        summary["reference_train_seconds"] = float(sum(pool.train_seconds))
+        summary["before"] = _audit_record(_gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"]))
+    elif skip_reason is not None:
+        warnings.warn(
+            f"method='auto': {skip_reason}, so no approximate method is tried and the exact "
+            f"'{AUTO_FALLBACK}' runs. Pass more same-population non-members with `nonmembers=` "
+            "for an audited approximate method.",
+            UserWarning,
+            stacklevel=3,
+        )
+        summary["skipped_approximate"] = skip_reason
+    shared = {"n_references": hp["n_references"], "reference_cache_dir": hp["reference_cache_dir"]}
+    accepted = None
+    for name in candidates if pool is not None else []:
+        attempt = _attempt(run, name, METHODS[name], shared, n_rep, original, resolve_epochs)
+        if "error" not in attempt and not attempt.get("unchanged"):
+            gate = _gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"])
+            utility = mean_neg_elbo(module, utility_tensors)
+            attempt["audit"] = _audit_record(gate)
+            attempt["neg_elbo"] = utility
+            attempt["utility_loss"] = utility / reference_utility - 1.0
+            private = gate.verdict == NO_EVIDENCE
+            useful = attempt["utility_loss"] <= hp["max_utility_loss"]
+            attempt["accepted"] = bool(private and useful)
+            attempt["reason"] = _reason(gate.verdict, private, useful, attempt["utility_loss"], hp)
+        summary["attempts"].append(attempt)
+        if attempt.get("accepted"):
+            accepted = name
+            break
+        module.load_state_dict(original)
+    if accepted is None:
+        attempt = _attempt(
+            run, AUTO_FALLBACK, METHODS[AUTO_FALLBACK], {"budget": hp["budget"]}, n_rep,
+            original, resolve_epochs,
+        )  # fmt: skip
+        if "error" in attempt:
+            raise RuntimeError(f"method='auto': the exact fallback failed: {attempt['error']}")
+        if reference_utility is not None:
+            attempt["neg_elbo"] = mean_neg_elbo(module, utility_tensors)
+            attempt["utility_loss"] = attempt["neg_elbo"] / reference_utility - 1.0
+        attempt["accepted"] = True
+        attempt["reason"] = "exact: the forget cells are not in the data it trained on"
+        summary["attempts"].append(attempt)
+        accepted = AUTO_FALLBACK
+    summary["accepted_method"] = accepted
+    summary["epochs_run"] = summary["attempts"][-1].get("metrics", {}).get("epochs_run")
+    return summary
+
+
+def _reason(verdict: str, private: bool, useful: bool, loss: float, hp: dict) -> str:
+    parts = []
+    if not private:
+        parts.append(f"audit on development cells: {verdict}")
+    if not useful:
+        parts.append(
+            f"held-out neg. ELBO {100 * loss:+.1f}% vs the trained model "
+            f"(limit {100 * hp['max_utility_loss']:+.0f}%)"
+        )
+    return "; ".join(parts) or "no evidence of leak and utility kept"
+
+
+def _attempt(run, name, spec, given, nonmembers, original, resolve_epochs) -> dict[str, Any]:
+    """Run one method on the run's model (from the original weights); a record of it."""
+    given = {k: v for k, v in given.items() if k in spec.params}
+    hyperparameters = check_hyperparameters(name, spec.params, given)
+    epochs = resolve_epochs(run.model, spec, name, None, hyperparameters)
+    sub = dataclasses.replace(
+        run,
+        hyperparameters=hyperparameters,
+        max_epochs=epochs,
+        method=name,
+        nonmembers=nonmembers if spec.needs_nonmembers else None,
+    )
+    run.model.module.load_state_dict(original)
+    # Each attempt from the run's seed: the same weights as the method called on its own.
+    seed_everything(run.seed)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"method": name, "hyperparameters": hyperparameters}
+    try:
+        record["metrics"] = spec.run(sub)
+    except Exception as err:  # a method that fails is rejected, and says why
+        record.update(error=f"{type(err).__name__}: {err}", accepted=False, reason="failed")
+        run.model.module.load_state_dict(original)
+        return record
+    finally:
+        record["wall_time_s"] = float(time.perf_counter() - start)
+    unchanged = all(
+        torch.equal(value.cpu(), original[key])
+        for key, value in run.model.module.state_dict().items()
+    )
+    if unchanged and not spec.exact:
+        record.update(unchanged=True, accepted=False, reason="returned the original weights")
+    return record
