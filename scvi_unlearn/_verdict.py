@@ -24,6 +24,23 @@ VERDICTS: tuple[str, ...] = (LEAK, NO_EVIDENCE, BELOW_REFERENCE, UNDERPOWERED)
 #: An audit that could not have detected an AUC below this (at its sample sizes, 5% two-sided
 #: level, 80% power) answers ``"underpowered"`` instead of ``"no evidence of leak"``.
 MAX_DETECTABLE_AUC = 0.75
+#: Overall results of an unlearning run: privacy against the band *and* utility against a
+#: reference (:func:`overall_result`).
+FORGOTTEN = "forgotten"
+UTILITY_LOST = "forgotten, utility lost"
+NOT_FORGOTTEN = "not forgotten"
+OVER_FORGOTTEN = "over-forgotten"
+NOT_JUDGED = "not judged (underpowered)"
+OVERALL_RESULTS: tuple[str, ...] = (
+    FORGOTTEN,
+    UTILITY_LOST,
+    NOT_FORGOTTEN,
+    OVER_FORGOTTEN,
+    NOT_JUDGED,
+)
+#: Largest relative increase of held-out neg. ELBO over the reference that still counts as
+#: keeping utility (docs: "Success").
+MAX_UTILITY_LOSS = 0.05
 #: Level and power of the detectable-AUC calculation.
 ALPHA = 0.05
 POWER = 0.8
@@ -213,6 +230,56 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     if all(v == UNDERPOWERED for v in verdicts):
         return UNDERPOWERED
     return NO_EVIDENCE
+
+
+def overall_result(
+    privacy_verdict: str,
+    utility_loss: float | None,
+    max_utility_loss: float = MAX_UTILITY_LOSS,
+    exact: bool = False,
+) -> str:
+    """One result per unlearned model: privacy against the band and utility against retrain.
+
+    Parameters
+    ----------
+    privacy_verdict
+        The audit's verdict (one of :data:`VERDICTS`).
+    utility_loss
+        Relative change of held-out neg. ELBO against the reference (a retrained model):
+        ``neg_elbo / reference - 1``; ``None`` when unknown.
+    max_utility_loss
+        The largest increase that still keeps utility.
+    exact
+        The model never saw the forgotten cells (``retrain``, ``retrain_fast``): forgotten by
+        construction, whatever its audit's sampling noise says; only utility is in question.
+
+    Returns
+    -------
+    ``"forgotten"`` (no evidence of a leak, utility kept), ``"forgotten, utility lost"``,
+    ``"not forgotten"`` (a leak), ``"over-forgotten"`` (below the reference: detectable as
+    unlearned) or ``"not judged (underpowered)"``. A model is a success only when ``"forgotten"``.
+
+    Examples
+    --------
+    >>> overall_result("no evidence of leak", 0.29)
+    'forgotten, utility lost'
+    >>> overall_result("no evidence of leak", 0.01)
+    'forgotten'
+    """
+    if privacy_verdict not in VERDICTS:
+        raise ValueError(f"Unknown verdict {privacy_verdict!r}; expected one of {VERDICTS}.")
+    utility_kept = (
+        utility_loss is not None and np.isfinite(utility_loss) and utility_loss <= max_utility_loss
+    )
+    if exact:
+        return FORGOTTEN if utility_kept else UTILITY_LOST
+    if privacy_verdict == LEAK:
+        return NOT_FORGOTTEN
+    if privacy_verdict == BELOW_REFERENCE:
+        return OVER_FORGOTTEN
+    if privacy_verdict == UNDERPOWERED:
+        return NOT_JUDGED
+    return FORGOTTEN if utility_kept else UTILITY_LOST
 
 
 def _check_sizes(n_members, n_nonmembers) -> tuple[int, int]:

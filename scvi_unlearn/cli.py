@@ -227,9 +227,38 @@ def cmd_unlearn(args) -> int:
         f"{event['wall_time_s']:.1f} s; saved to {args.out} (provenance: "
         f"{args.out}/unlearning_provenance.json)."
     )
+    if event["method"] == "auto":
+        for line in auto_attempt_lines(event["metrics"]):
+            print(line)
     if args.audit:
         print(event["audit"]["explanation"])
     return 0
+
+
+def auto_attempt_lines(metrics: dict) -> list[str]:
+    """One line per attempt of ``method='auto'``: what ran, the gate's audit, the decision."""
+    lines = [
+        f"method='auto' tried {len(metrics['attempts'])} method(s) on "
+        f"{metrics['n_forget_development']} forget + {metrics['n_nonmember_development']} "
+        "non-member development cells (the audit's reporting cells are the others):"
+    ]
+    if metrics.get("skipped_approximate"):
+        lines.append(f"  no approximate method tried: {metrics['skipped_approximate']}")
+    for attempt in metrics["attempts"]:
+        decision = "ACCEPTED" if attempt.get("accepted") else "rejected"
+        detail = []
+        gate = attempt.get("audit")
+        if gate:
+            band = gate["band"]
+            band_text = "" if band is None else f", band {band[0]:.2f}-{band[1]:.2f}"
+            detail.append(f"LiRA AUC {gate['auc']:.2f}{band_text} ({gate['verdict']})")
+        if attempt.get("utility_loss") is not None:
+            detail.append(f"held-out neg. ELBO {100 * attempt['utility_loss']:+.1f}%")
+        detail.append(f"{attempt['wall_time_s']:.1f} s")
+        lines.append(
+            f"  {attempt['method']}: {decision}: {attempt.get('reason', '')} [{'; '.join(detail)}]"
+        )
+    return lines
 
 
 def cmd_demo(args) -> int:

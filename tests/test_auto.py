@@ -101,9 +101,7 @@ def test_auto_with_too_few_development_cells_retrains_without_a_gate(case, tmp_p
     assert not list(tmp_path.rglob("*.npz"))  # no reference pool was paid for
 
 
-def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_out(
-    case, tmp_path
-):
+def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_out(case, tmp_path):
     out = _run(case, tmp_path, candidates="ssd", audit=True, audit_kwargs={"n_shadows": 2,
                "cache_dir": str(tmp_path / "shadows"), "n_bootstrap": 20})  # fmt: skip
     event = out.provenance["events"][-1]
@@ -123,3 +121,8 @@ def test_auto_rejects_unknown_candidates(case):
         case["model"].unlearn(
             case["forget"], method="auto", nonmembers=case["nonmembers"], candidates="retrain"
         )
+
+
+def test_auto_refuses_max_epochs(case):
+    with pytest.raises(ValueError, match="does not apply to method='auto'"):
+        case["model"].unlearn(case["forget"], method="auto", max_epochs=3)

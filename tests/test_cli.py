@@ -45,6 +45,23 @@ def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model, tmp_path):
     assert reloaded.provenance["events"][-1]["n_forgotten"] == expected.size
 
 
+def test_cli_unlearn_auto_is_the_default_and_lists_its_attempts(saved_lab_model, tmp_path, capsys):
+    lab, _, _ = saved_lab_model
+    out = tmp_path / "auto"
+    code = main(
+        ["unlearn", str(lab / "model"), str(lab / "data.h5ad"), "--forget",
+         "cell_type=Megakaryocyte", "--accelerator", "cpu", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    # 30 held-out cells in all: too few development cells, so the exact fallback, said so
+    assert "method='auto' tried 1 method(s)" in printed
+    assert "no approximate method tried" in printed
+    assert "retrain_fast: ACCEPTED: exact" in printed
+    provenance = json.loads((out / "unlearning_provenance.json").read_text())
+    assert provenance["events"][-1]["metrics"]["accepted_method"] == "retrain_fast"
+
+
 def test_cli_unlearn_reports_bad_input(saved_lab_model, capsys, tmp_path):
     lab, _, _ = saved_lab_model
     base = [
@@ -73,6 +90,10 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     for row in result["summary"]:
         assert 0.0 <= row["lira_auc"] <= 1.0
         assert row["verdict"] in su.audit.VERDICTS
+    for row in result["summary"][1:]:  # privacy and utility in one result per method
+        assert row["overall"] in su.audit.OVERALL_RESULTS
+        assert row["utility_vs_retrain"].endswith("%")
+    assert result["summary"][-1]["overall"] == su.audit.FORGOTTEN  # retrain against itself
     assert (tmp_path / "demo_summary.csv").exists()
     assert (tmp_path / "audit_baseline_roc.png").exists()
     retrained = su.model.SCVI.load(str(tmp_path / "model_retrain"), result["model"].adata.copy())

@@ -294,14 +294,18 @@ def test_every_method_trains_under_lightning_without_touching_adata(
     layers_before = dict(adata.layers)
     uses_references = "n_references" in METHODS[method].params
     extra = {"reference_cache_dir": str(reference_dir)} if uses_references else {}
+    # auto sizes its attempts itself (budget=, each method's default), no max_epochs
+    extra.update({"candidates": "finetune"} if method == "auto" else {"max_epochs": 2})
     new = setting["model"].unlearn(
-        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", max_epochs=2,
-        **extra,
-    )  # fmt: skip
+        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", **extra
+    )
     trainer = new.trainer
     assert isinstance(trainer, scvi.train.Trainer)
     assert trainer.progress_bar_callback is not None
-    assert isinstance(trainer.lightning_module, _PLANS[method])
+    ran = method
+    if method == "auto":
+        ran = new.provenance["events"][-1]["metrics"]["accepted_method"]
+    assert isinstance(trainer.lightning_module, _PLANS[ran])
     assert trainer.lightning_module.module is not setting["model"].module
     _assert_adata_unchanged(adata, setting["adata_state"])
     assert dict(adata.layers).keys() == layers_before.keys()

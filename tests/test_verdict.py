@@ -130,3 +130,25 @@ def test_reference_model_on_other_genes_is_refused_by_role(overfit_case, small_m
             case["model"], members=case["train"][:20], nonmembers=case["held"][:20],
             reference_models=[small_model], attacks=("loss",),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("verdict", "loss", "exact", "expected"),
+    [
+        ("no evidence of leak", 0.01, False, "forgotten"),
+        ("no evidence of leak", 0.29, False, "forgotten, utility lost"),  # the demo's Fisher
+        ("no evidence of leak", None, False, "forgotten, utility lost"),
+        ("leak", -0.1, False, "not forgotten"),
+        ("below reference", 0.0, False, "over-forgotten"),
+        ("underpowered", 0.0, False, "not judged (underpowered)"),
+        ("below reference", 0.0, True, "forgotten"),  # an exact retrain's audit noise
+        ("leak", 0.2, True, "forgotten, utility lost"),
+    ],
+)
+def test_overall_result_needs_privacy_and_utility(verdict, loss, exact, expected):
+    assert su.audit.overall_result(verdict, loss, exact=exact) == expected
+
+
+def test_overall_result_rejects_unknown_verdicts():
+    with pytest.raises(ValueError, match="Unknown verdict"):
+        su.audit.overall_result("fine", 0.0)

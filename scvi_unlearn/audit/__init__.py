@@ -2,9 +2,12 @@
 
 from scvi_unlearn._verdict import (
     BELOW_REFERENCE,
+    FORGOTTEN,
     LEAK,
     MAX_DETECTABLE_AUC,
+    MAX_UTILITY_LOSS,
     NO_EVIDENCE,
+    OVERALL_RESULTS,
     UNDERPOWERED,
     VERDICTS,
     auc_null_se,
@@ -13,6 +16,7 @@ from scvi_unlearn._verdict import (
     detectable_auc,
     family_level,
     judge,
+    overall_result,
     reference_band,
 )
 from scvi_unlearn.audit._attacks import (
@@ -49,10 +53,13 @@ __all__ = [
     "ATTACKS",
     "BELOW_REFERENCE",
     "DEFAULT_N_SHADOWS",
+    "FORGOTTEN",
     "LEAK",
     "LOSS_FEATURE",
     "MAX_DETECTABLE_AUC",
+    "MAX_UTILITY_LOSS",
     "NO_EVIDENCE",
+    "OVERALL_RESULTS",
     "SCALAR_FEATURES",
     "UNDERPOWERED",
     "VERDICTS",
@@ -81,6 +88,7 @@ __all__ = [
     "judge",
     "lira_scores",
     "loss_scores",
+    "overall_result",
     "per_cell_loss_terms",
     "pooled_reference_interval",
     "reference_band",

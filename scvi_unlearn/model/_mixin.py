@@ -143,6 +143,11 @@ class UnlearningMixin:
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
 
+        if method == "auto" and max_epochs is not None:
+            raise ValueError(
+                "`max_epochs` does not apply to method='auto': each attempt runs its method's "
+                "own budget and the exact fallback `budget` (a share of the recipe's epochs)."
+            )
         train = training_cells(self)
         forget = check_forget(self, forget_idx, train)
         nonmember_idx, nonmember_info = None, {"source": None}

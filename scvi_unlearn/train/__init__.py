@@ -18,6 +18,7 @@ from scvi_unlearn.train._common import (
     seed_everything,
 )
 from scvi_unlearn.train._critics import CriticEnsemble
+from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import (
     FisherScrubbingPlan,
@@ -27,10 +28,8 @@ from scvi_unlearn.train._fisher import (
 )
 from scvi_unlearn.train._methods import (
     METHODS,
-    MIN_SELECTION_CELLS,
     MethodSpec,
     UnlearningRun,
-    resolve_epochs,
 )
 from scvi_unlearn.train._oracle import OracleMatchingPlan, oracle_targets
 from scvi_unlearn.train._params import FROM_PLAN, Param, check_hyperparameters, plan_defaults

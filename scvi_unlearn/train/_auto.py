@@ -22,6 +22,7 @@ import torch
 
 from scvi_unlearn._verdict import NO_EVIDENCE
 from scvi_unlearn.audit import MembershipInference
+from scvi_unlearn.data import validation_split
 from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.train._common import (
     eval_mode,
@@ -30,6 +31,7 @@ from scvi_unlearn.train._common import (
     seed_everything,
     state_copy,
 )
+from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._params import check_hyperparameters
 from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, method_reference_pool
 
@@ -45,14 +47,12 @@ AUTO_FALLBACK = "retrain_fast"
 N_UTILITY_CELLS = 2000
 
 
-def parse_candidates(text: str) -> list[str]:
-    """``"ssd,reset_relearn"`` -> ``["ssd", "reset_relearn"]``, checked against the registry."""
-    from scvi_unlearn.train._methods import METHODS
-
+def parse_candidates(text: str, registry: dict) -> list[str]:
+    """``"ssd,reset_relearn"`` -> ``["ssd", "reset_relearn"]``, checked against ``registry``."""
     names = [n.strip() for n in str(text).split(",") if n.strip()]
-    bad = [n for n in names if n not in METHODS or METHODS[n].exact or n == "auto"]
+    bad = [n for n in names if n not in registry or registry[n].exact or n == "auto"]
     if bad:
-        valid = [n for n, s in METHODS.items() if not s.exact and n != "auto"]
+        valid = [n for n, s in registry.items() if not s.exact and n != "auto"]
         raise ValueError(
             f"`candidates` {bad} are not approximate unlearning methods; choose among {valid} "
             "(comma-separated). The exact fallback, retrain_fast, always comes last."
@@ -74,7 +74,6 @@ def mean_neg_elbo(module: torch.nn.Module, tensors, chunk_size: int = 1024) -> f
 
 def _development_cells(run: UnlearningRun, fraction: float):
     """(development, reporting) parts of the forget cells and of the non-members."""
-    from scvi_unlearn.data import validation_split
 
     def split(cells):
         if cells.size < 2:
@@ -128,12 +127,13 @@ def _audit_record(result) -> dict[str, Any]:
     }
 
 
-def run_auto(run: UnlearningRun) -> dict[str, Any]:
-    """Try the candidates in order; keep the first that passes the gate, else retrain."""
-    from scvi_unlearn.train._methods import METHODS, MIN_SELECTION_CELLS, resolve_epochs
+def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
+    """Try the candidates in order; keep the first that passes the gate, else retrain.
 
+    ``registry`` is :data:`~scvi_unlearn.train.METHODS` (passed in: it lists ``auto`` too).
+    """
     hp = run.hyperparameters
-    candidates = parse_candidates(hp["candidates"])
+    candidates = parse_candidates(hp["candidates"], registry)
     f_dev, _, n_dev, n_rep = _development_cells(run, hp["val_fraction"])
     utility_cells = _utility_cells(run)
     module = run.model.module
@@ -189,7 +189,7 @@ def run_auto(run: UnlearningRun) -> dict[str, Any]:
     shared = {"n_references": hp["n_references"], "reference_cache_dir": hp["reference_cache_dir"]}
     accepted = None
     for name in candidates if pool is not None else []:
-        attempt = _attempt(run, name, METHODS[name], shared, n_rep, original, resolve_epochs)
+        attempt = _attempt(run, name, registry[name], shared, n_rep, original)
         if "error" not in attempt and not attempt.get("unchanged"):
             gate = _gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"])
             utility = mean_neg_elbo(module, utility_tensors)
@@ -207,9 +207,8 @@ def run_auto(run: UnlearningRun) -> dict[str, Any]:
         module.load_state_dict(original)
     if accepted is None:
         attempt = _attempt(
-            run, AUTO_FALLBACK, METHODS[AUTO_FALLBACK], {"budget": hp["budget"]}, n_rep,
-            original, resolve_epochs,
-        )  # fmt: skip
+            run, AUTO_FALLBACK, registry[AUTO_FALLBACK], {"budget": hp["budget"]}, n_rep, original
+        )
         if "error" in attempt:
             raise RuntimeError(f"method='auto': the exact fallback failed: {attempt['error']}")
         if reference_utility is not None:
@@ -236,7 +235,7 @@ def _reason(verdict: str, private: bool, useful: bool, loss: float, hp: dict) ->
     return "; ".join(parts) or "no evidence of leak and utility kept"
 
 
-def _attempt(run, name, spec, given, nonmembers, original, resolve_epochs) -> dict[str, Any]:
+def _attempt(run, name, spec, given, nonmembers, original) -> dict[str, Any]:
     """Run one method on the run's model (from the original weights); a record of it."""
     given = {k: v for k, v in given.items() if k in spec.params}
     hyperparameters = check_hyperparameters(name, spec.params, given)

@@ -6,7 +6,6 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import scvi
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
@@ -34,6 +32,7 @@ from scvi_unlearn.train._common import (
     make_data_splitter,
     run_plan,
 )
+from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
 from scvi_unlearn.train._oracle import (
@@ -53,11 +52,6 @@ from scvi_unlearn.train._reset import ResetRelearnPlan, request_seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-#: Fewest forget and fewest non-member validation cells on which an approximate method may
-#: select its epoch: below that an AUC's 95% interval spans most of [0, 1] (20 + 20 cells:
-#: about +-0.18 at AUC 0.5), so the method runs its fixed budget instead.
-MIN_SELECTION_CELLS = 20
 
 
 @dataclass
@@ -219,33 +213,6 @@ _FISHER = {
     "selection_weight": Param(kind="float", low=0, low_open=True),
     "dampening": Param(kind="float", low=0, low_open=True),
 }
-
-
-# -- epochs -------------------------------------------------------------------------------------
-def resolve_epochs(
-    model, spec: MethodSpec, method: str, max_epochs: int | None, hyperparameters: dict
-) -> int:
-    """Epochs of the run.
-
-    Given, else the recipe's (retrain), a share of them (a method with a ``budget`` or
-    ``relearn_budget``) or the method's default.
-    """
-    if max_epochs is not None and "finetune_epochs" not in hyperparameters:
-        return max_epochs
-    if method == "retrain" or "budget" in hyperparameters or "relearn_budget" in hyperparameters:
-        recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
-        full = int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
-        share = hyperparameters.get("budget", hyperparameters.get("relearn_budget", 1.0))
-        return max(1, math.ceil(share * full))
-    if "finetune_epochs" in hyperparameters:
-        ft = hyperparameters["finetune_epochs"]
-        if max_epochs is not None and ft not in (0, max_epochs):
-            raise ValueError(
-                f"`max_epochs`={max_epochs} and `finetune_epochs`={ft} disagree; for "
-                f"'{method}' they are the same thing, pass one."
-            )
-        return max_epochs if max_epochs is not None else ft
-    return spec.default_max_epochs if max_epochs is None else max_epochs
 
 
 # -- runners ----------------------------------------------------------------------------------
@@ -829,7 +796,7 @@ METHODS: dict[str, MethodSpec] = {
         },
         needs_nonmembers=True,
         default_max_epochs=0,
-        run=run_auto,
+        run=lambda run: run_auto(run, METHODS),
         description="audit-gated: the first approximate method that passes an audit on "
         "development cells and keeps utility, else the exact retrain_fast",
     ),

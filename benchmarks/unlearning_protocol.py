@@ -1,0 +1,366 @@
+"""Benchmark: does ``unlearn()`` unlearn? Issue-11 protocol, with development sets apart.
+
+Protocol (written before running; docs/methods.md: protocol, success):
+
+- Data: Kang 2018 and pbmc3k (1,000 ``seurat_v3`` HVGs), as ``unlearning.py``.
+- Forget sets come in pairs from the same target model: a **reporting** set and a distinct
+  **development** set. Structured: two cell types (Kang: Dendritic cells reported,
+  Megakaryocytes developed on; pbmc3k: FCGR3A+ Mono reported, NK developed on). Scattered: two
+  disjoint sets of random cells. Donor (Kang): the smallest donor reported, the next one
+  developed on. ``membership_split`` holds out half of each population, so each set has
+  same-population non-members; the target trains on everything else except a held-out
+  background (for utility), itself split into a development and a reporting half.
+- Target: the memorising recipe of ``unlearning.py`` (``--target memorising``) or scVI as labs
+  train it (``--target default``: default architecture and epochs).
+- Hyper-parameters are chosen on the development set only: Fisher's ``alpha`` is the
+  smallest of ``FISHER_ALPHAS`` whose development audit finds no leak with held-out neg. ELBO
+  within 5% of the trained model's; the other methods run at their library defaults, which were
+  set before this run. No number of the reporting set feeds a choice.
+- Pools: the audit's shadows (seed ``--seed``, cache ``<cache>/``) are disjoint from the
+  methods' reference pool (seed offset ``REFERENCE_SEED_OFFSET``, cache
+  ``<cache>/method_references``); the development audits use the reference pool, never the
+  shadows. The reference pool's one-time cost is its own column.
+- Band: ``--retrain-seeds`` (default 8) exact retrains; ``su.audit.reference_band`` (the
+  library's one band rule) on the reporting cells; verdicts by ``su.audit.judge``.
+- ``auto`` gates on a share of the request's own forget cells and non-members (its
+  development cells); its row is audited on the reporting cells minus those, against the band
+  recomputed from the same retrain models on the same cells.
+- Power: a row audited on fewer than 60 forget or 60 non-member cells is marked underpowered
+  and left out of the headline.
+- Overall result per row: ``su.audit.overall_result`` (privacy verdict and held-out neg. ELBO
+  against the mean retrain; exact methods are forgotten by construction). SUCCESS = "forgotten"
+  in at least 2 of 3 seeds and faster than a full retrain, measured in the same run.
+- Relearning check: each row that is "forgotten" is fine-tuned for ``RELEARN_EPOCHS`` epochs on
+  the retained cells and audited again; the forget cells must not come back.
+
+Run::
+
+    python benchmarks/unlearning_protocol.py --datasets pbmc3k --forget structured
+    python benchmarks/unlearning_protocol.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from _common import markdown_table
+from unlearning import DATA, DATASET_SETTINGS, TARGET, load
+
+import scvi_unlearn as su
+
+POPULATIONS = {
+    "kang": {"report": "Dendritic cells", "develop": "Megakaryocytes"},
+    "pbmc3k": {"report": "FCGR3A+ Mono", "develop": "NK"},
+}
+METHODS = {
+    # row: (method, hyper-parameters); cheapest first so a run cut short has them
+    "ssd": ("ssd", {}),
+    "fisher": ("fisher", {}),  # alpha chosen on the development set
+    "reset_relearn": ("reset_relearn", {}),
+    "oracle_matching": ("oracle_matching", {}),
+    "extragradient_calibrated": ("extragradient_calibrated", {}),
+    "retrain_fast_0.1": ("retrain_fast", {"budget": 0.1}),
+    "retrain_fast_0.25": ("retrain_fast", {"budget": 0.25}),
+    "auto": ("auto", {}),
+}
+USES_REFERENCES = {"oracle_matching", "extragradient_calibrated", "auto"}
+EXACT = {"retrain", "retrain_fast"}
+FISHER_ALPHAS = (1e-5, 1e-4, 1e-3)
+MIN_HEADLINE_CELLS = 60
+RELEARN_EPOCHS = 3
+
+
+def pair_of_splits(adata, dataset: str, forget_type: str, seed: int):
+    """(reporting split, development split), populations disjoint."""
+    if forget_type == "structured":
+        pops = POPULATIONS[dataset]
+        rep = ("cell_type", pops["report"])
+        dev = ("cell_type", pops["develop"])
+    elif forget_type == "scattered":
+        n = 2 * int((adata.obs["cell_type"] == POPULATIONS[dataset]["report"]).sum() // 2)
+        rep = su.data.scattered_forget_set(adata, n, seed=seed)
+        dev = su.data.scattered_forget_set(adata, n, seed=seed + 1, exclude=rep)
+    elif forget_type == "donor":
+        donors = adata.obs["sample_id"].value_counts()
+        rep, dev = ("sample_id", donors.index[-1]), ("sample_id", donors.index[-2])
+    else:
+        raise ValueError(forget_type)
+    return (
+        su.data.membership_split(adata, rep, holdout_fraction=0.5, seed=seed),
+        su.data.membership_split(adata, dev, holdout_fraction=0.5, seed=seed + 1),
+    )
+
+
+def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
+    rep, dev = pair_of_splits(adata, dataset, forget_type, args.seed)
+    train = np.intersect1d(rep.train, dev.train)
+    populations = np.concatenate([rep.forget, rep.nonmember, dev.forget, dev.nonmember])
+    background = np.setdiff1d(np.setdiff1d(np.arange(adata.n_obs), train), populations)
+    bg_rep, bg_dev = su.data.validation_split(background, 0.5, seed=args.seed)
+    print(f"\n=== {dataset} / {forget_type} / {args.target}")
+    print(f"reporting: {rep.forget.size} forget vs {rep.nonmember.size} non-members")
+    print(f"development: {dev.forget.size} forget vs {dev.nonmember.size} non-members")
+    quiet = {"enable_progress_bar": False, "accelerator": "cpu"}
+    model_kwargs = TARGET if args.target == "memorising" else {}
+    train_kwargs = {"train_size": 1.0}
+    if args.target == "memorising":
+        train_kwargs["max_epochs"] = args.epochs
+    recipe = su.Recipe(model_kwargs=model_kwargs, train_kwargs=train_kwargs)
+    t0 = time.perf_counter()
+    target = recipe.fit_cells(adata, train, seed=args.seed, **quiet)
+    target_s = time.perf_counter() - t0
+    cache = Path(args.cache_dir)
+    refs_dir = str(cache / "method_references")
+    mi = su.MembershipInference(
+        adata, recipe=target, n_shadows=args.n_shadows, seed=args.seed, cache_dir=cache,
+        accelerator="cpu", attacks=("loss", "lira_online"),
+    )  # fmt: skip
+    mi.fit(progress_bar=False)
+
+    def lira(model, members, nonmembers):
+        report = mi.audit(model, members=members, nonmembers=nonmembers, n_bootstrap=500)
+        return report.results["lira_online"], report.results["loss"]
+
+    # -- the band: exact retrains of the reporting request --------------------------------
+    retrains = []
+    for s in range(args.retrain_seeds):
+        t0 = time.perf_counter()
+        m = target.unlearn(rep.forget, method="retrain", seed=s, **quiet)
+        retrains.append((m, time.perf_counter() - t0))
+        print(f"retrain seed {s}: {retrains[-1][1]:.0f} s")
+    retrain_s = float(np.mean([t for _, t in retrains]))
+    retrain_elbo = float(
+        np.mean([su.utility.utility_metrics(m, indices=bg_rep)["neg_elbo"] for m, _ in retrains])
+    )
+
+    def band_on(members, nonmembers):
+        results = [lira(m, members, nonmembers)[0] for m, _ in retrains]
+        return su.audit.reference_band([r.auc for r in results], [r.auc_ci for r in results])
+
+    band = band_on(rep.forget, rep.nonmember)
+    print(f"retrain band on the reporting cells: {band[0]:.3f}-{band[1]:.3f}")
+
+    # -- development: the reference pool's audit, and Fisher's alpha -------------------------
+    target_dev_elbo = su.utility.utility_metrics(target, indices=bg_dev)["neg_elbo"]
+    t0 = time.perf_counter()
+    pool = su.train.method_reference_pool(
+        target, su.train.DEFAULT_N_REFERENCES, args.seed, refs_dir, accelerator="cpu",
+        keep_models=True,
+    )  # fmt: skip
+    reference_pool_s = time.perf_counter() - t0
+    dev_mi = su.MembershipInference(
+        adata, recipe=target, n_shadows=pool.n_shadows, cache_dir=False, accelerator="cpu",
+        seed=su.train.REFERENCE_SEED_OFFSET + args.seed, attacks=("lira_online",),
+    )  # fmt: skip
+    dev_mi.shadows_ = pool
+
+    def develop(model):
+        r = dev_mi.audit(model, members=dev.forget, nonmembers=dev.nonmember, n_bootstrap=200)
+        elbo = su.utility.utility_metrics(model, indices=bg_dev)["neg_elbo"]
+        return r.results["lira_online"], elbo / target_dev_elbo - 1
+
+    fisher_trials = []
+    for alpha in FISHER_ALPHAS:
+        m = target.unlearn(dev.forget, method="fisher", alpha=alpha, seed=0, **quiet)
+        result, loss = develop(m)
+        fisher_trials.append(
+            {"alpha": alpha, "auc": result.auc, "verdict": result.verdict, "utility_loss": loss}
+        )
+        print(f"development fisher alpha={alpha:g}: {fisher_trials[-1]}")
+    passing = [
+        t
+        for t in fisher_trials
+        if t["verdict"] == su.audit.NO_EVIDENCE and t["utility_loss"] <= 0.05
+    ]
+    alpha = (passing or fisher_trials)[0]["alpha"]
+
+    # -- rows on the reporting cells -------------------------------------------------------
+    rows = []
+
+    def row(name, seed, model, seconds, members, nonmembers, row_band, exact=False):
+        lira_r, loss_r = lira(model, members, nonmembers)
+        detectable = su.audit.detectable_auc(members.size, nonmembers.size, row_band)
+        verdict = su.audit.judge(lira_r.auc_ci, row_band, detectable)
+        elbo = su.utility.utility_metrics(model, indices=bg_rep)["neg_elbo"]
+        loss = elbo / retrain_elbo - 1
+        record = {
+            "dataset": dataset, "forget": forget_type, "target": args.target, "method": name,
+            "seed": seed, "lira_auc": lira_r.auc, "lira_low": lira_r.auc_ci[0],
+            "lira_high": lira_r.auc_ci[1], "band_low": row_band[0], "band_high": row_band[1],
+            "detectable_auc": detectable, "verdict": verdict, "loss_auc": loss_r.auc,
+            "n_forget": int(members.size), "n_nonmembers": int(nonmembers.size),
+            "heldout_neg_elbo": elbo, "utility_vs_retrain": loss,
+            "overall": su.audit.overall_result(verdict, loss, exact=exact),
+            "wall_s": seconds, "time_vs_retrain": seconds / retrain_s,
+            "powered": bool(min(members.size, nonmembers.size) >= MIN_HEADLINE_CELLS),
+        }  # fmt: skip
+        print({k: record[k] for k in ("method", "seed", "lira_auc", "verdict", "overall")})
+        return record
+
+    rows.append(
+        row("trained (before)", args.seed, target, target_s, rep.forget, rep.nonmember, band)
+    )
+    for s, (m, t) in enumerate(retrains):
+        rows.append(row("retrain", s, m, t, rep.forget, rep.nonmember, band, exact=True))
+    kept = {}
+    for name in args.methods:
+        method, hp = METHODS[name]
+        hp = dict(hp)
+        if name == "fisher":
+            hp["alpha"] = alpha
+        if name in USES_REFERENCES:
+            hp["reference_cache_dir"] = refs_dir
+        for s in range(args.method_seeds):
+            t0 = time.perf_counter()
+            try:
+                m = target.unlearn(
+                    rep.forget, method=method, nonmembers=rep.nonmember, seed=s, **quiet, **hp
+                )
+            except Exception as exc:  # a method that crashes is a result too
+                rows.append({"dataset": dataset, "forget": forget_type, "method": name,
+                             "seed": s, "error": repr(exc)})  # fmt: skip
+                continue
+            seconds = time.perf_counter() - t0
+            members, nonmembers, row_band = rep.forget, rep.nonmember, band
+            metrics = m.provenance["events"][-1]["metrics"]
+            if metrics.get("forget_val_names"):  # selected on some reporting cells: not those
+                names = adata.obs_names
+                members = members[~names[members].isin(metrics["forget_val_names"])]
+                nonmembers = nonmembers[~names[nonmembers].isin(metrics["nonmember_val_names"])]
+                row_band = band_on(members, nonmembers)
+            exact = method in EXACT or metrics.get("accepted_method") in EXACT
+            rows.append(row(name, s, m, seconds, members, nonmembers, row_band, exact))
+            rows[-1]["accepted_method"] = metrics.get("accepted_method")
+            kept[(name, s)] = (m, members, nonmembers, row_band)
+        _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
+              retrain_s, target_s, reference_pool_s, partial=True)  # fmt: skip
+
+    # -- relearning check --------------------------------------------------------------------
+    retain = np.setdiff1d(train, rep.forget)
+    for r in rows:
+        key = (r["method"], r.get("seed"))
+        if r.get("overall") != su.audit.FORGOTTEN or key not in kept:
+            continue
+        m, members, nonmembers, row_band = kept[key]
+        again = su.model.clone_model(m)
+        rest = np.setdiff1d(np.arange(adata.n_obs), retain)
+        again.train(
+            max_epochs=RELEARN_EPOCHS, accelerator="cpu", enable_progress_bar=False,
+            plan_kwargs={"n_epochs_kl_warmup": None},
+            datasplitter_kwargs={"external_indexing": [retain, np.zeros(0, int), rest]},
+        )  # fmt: skip
+        result, _ = lira(again, members, nonmembers)
+        r["relearn_auc"] = result.auc
+        detectable = su.audit.detectable_auc(members.size, nonmembers.size, row_band)
+        r["relearn_verdict"] = su.audit.judge(result.auc_ci, row_band, detectable)
+    return _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
+                 retrain_s, target_s, reference_pool_s, partial=False)  # fmt: skip
+
+
+def _save(out, dataset, forget_type, args, rows, band, trials, alpha, retrain_s, target_s,
+          pool_s, partial) -> dict:  # fmt: skip
+    result = {
+        "dataset": dataset, "forget": forget_type, "target": args.target,
+        "retrain_band": list(band), "fisher_selection": {"alpha": alpha, "trials": trials},
+        "times": {"retrain_mean_s": retrain_s, "target_s": target_s,
+                  "reference_pool_one_time_s": pool_s},
+        "rows": rows, "settings": vars(args), "partial": partial,
+    }  # fmt: skip
+    suffix = ".partial.json" if partial else ".json"
+    path = out / "cells" / f"{dataset}_{forget_type}_{args.target}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    if not partial:
+        path.with_name(path.name.replace(".json", ".partial.json")).unlink(missing_ok=True)
+    return result
+
+
+def report(out: Path) -> None:
+    """results.md / results.json from every cell (finished or partial)."""
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    if not cells:
+        return
+    lines = ["# Unlearning under the issue-11 protocol", ""]
+    lines.append("Command: `python benchmarks/unlearning_protocol.py` (see its docstring).")
+    summary = []
+    for cell in cells:
+        rows = pd.DataFrame([r for r in cell["rows"] if "error" not in r])
+        title = f"{cell['dataset']} / {cell['forget']} / {cell['target']}"
+        lines += ["", f"## {title}" + (" (partial)" if cell["partial"] else ""), ""]
+        b, t = cell["retrain_band"], cell["times"]
+        n_retrains = int((rows.method == "retrain").sum())
+        pool_s, alpha = t["reference_pool_one_time_s"], cell["fisher_selection"]["alpha"]
+        lines.append(
+            f"Retrain band (LiRA online, {n_retrains} seeds): {b[0]:.3f}-{b[1]:.3f}. Mean full "
+            f"retrain {t['retrain_mean_s']:.0f} s; method reference pool (one-time, per data "
+            f"set and recipe) {pool_s:.0f} s. Fisher alpha chosen on the development set: "
+            f"{alpha:g}."
+        )
+        for name, part in rows.groupby("method", sort=False):
+            n_forgotten = int((part.overall == su.audit.FORGOTTEN).sum())
+            summary.append({
+                "data": title, "method": name, "seeds": len(part),
+                "LiRA AUC": f"{part.lira_auc.mean():.3f}",
+                "band": f"{part.band_low.mean():.2f}-{part.band_high.mean():.2f}",
+                "verdicts": ", ".join(sorted(set(part.verdict))),
+                "utility vs retrain": f"{100 * part.utility_vs_retrain.mean():+.1f}%",
+                "overall (per seed)": "; ".join(part.overall),
+                "forgotten seeds": f"{n_forgotten}/{len(part)}",
+                "x full retrain": f"{part.time_vs_retrain.mean():.3f}",
+                "cells (forget/non)": f"{int(part.n_forget.min())}/{int(part.n_nonmembers.min())}"
+                + ("" if part.powered.all() else " underpowered"),
+                "accepted": ", ".join(sorted({str(a) for a in part.get("accepted_method", [])
+                                              if a and a == a})) or "",
+                "relearn AUC": "" if "relearn_auc" not in part or part.relearn_auc.isna().all()
+                else f"{part.relearn_auc.mean():.3f}",
+            })  # fmt: skip
+    table = pd.DataFrame(summary)
+    lines += ["", "## All rows", "", markdown_table(table)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(cells, indent=2, default=str))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["pbmc3k", "kang"])
+    parser.add_argument("--forget", nargs="+", default=["structured", "scattered", "donor"])
+    parser.add_argument("--target", choices=["memorising", "default"], default="memorising")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--method-seeds", type=int, default=3)
+    parser.add_argument("--retrain-seeds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default="benchmarks/cache")
+    parser.add_argument("--out", default="benchmarks/results/unlearning_protocol")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    if not args.report_only:
+        for dataset in args.datasets:
+            settings = DATASET_SETTINGS[dataset]
+            cell_args = argparse.Namespace(**{**vars(args), **settings})
+            adata = load(dataset, settings["n_hvg"])
+            for forget_type in args.forget:
+                if forget_type == "donor" and dataset != "kang":
+                    continue  # pbmc3k is one donor
+                name = f"{dataset}_{forget_type}_{args.target}.json"
+                if (out / "cells" / name).exists():
+                    print(f"skip {name}: done (delete it to rerun)")
+                    continue
+                run_cell(adata, dataset, forget_type, cell_args, out)
+                report(out)
+    report(out)
+
+
+if __name__ == "__main__":
+    assert DATA.exists(), f"real data expected in {DATA}"
+    main()
