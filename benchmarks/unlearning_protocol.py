@@ -98,9 +98,17 @@ def pair_of_splits(adata, dataset: str, forget_type: str, seed: int):
 
 
 def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
-    rep, dev = pair_of_splits(adata, dataset, forget_type, args.seed)
-    train = np.intersect1d(rep.train, dev.train)
-    populations = np.concatenate([rep.forget, rep.nonmember, dev.forget, dev.nonmember])
+    rep, dev_split = pair_of_splits(adata, dataset, forget_type, args.seed)
+    # One target for both sets: the reporting split's training cells minus the development
+    # population's held-out half. Development members are its cells the target trains on,
+    # its non-members all its cells the target never sees.
+    train = np.setdiff1d(rep.train, dev_split.nonmember)
+    dev_population = np.union1d(dev_split.forget, dev_split.nonmember)
+    dev = argparse.Namespace(
+        forget=np.intersect1d(dev_population, train),
+        nonmember=np.setdiff1d(dev_population, train),
+    )
+    populations = np.concatenate([rep.forget, rep.nonmember, dev_population])
     background = np.setdiff1d(np.setdiff1d(np.arange(adata.n_obs), train), populations)
     bg_rep, bg_dev = su.data.validation_split(background, 0.5, seed=args.seed)
     print(f"\n=== {dataset} / {forget_type} / {args.target}")

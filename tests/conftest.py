@@ -59,6 +59,12 @@ def overfit_case():
 
 
 @pytest.fixture(scope="session")
+def overfit_reference_dir(tmp_path_factory):
+    """One method reference pool cache for ``overfit_case`` (oracle matching, auto's gate)."""
+    return tmp_path_factory.mktemp("overfit_method_references")
+
+
+@pytest.fixture(scope="session")
 def small_model():
     """A small scVI model (cheap; not over-fitted) on synthetic PBMC data, shared read-only."""
     import scvi_unlearn as su

@@ -28,6 +28,12 @@ def case():
     return {"model": model, "forget": train[:60], "nonmembers": held}
 
 
+def _gates(after: str):
+    """A fake gate: the trained model leaks (first call), every attempt reads ``after``."""
+    calls = iter([LEAK])
+    return lambda *a, **k: _FakeGate(next(calls, after))
+
+
 class _FakeGate:
     def __init__(self, verdict):
         self.verdict = verdict
@@ -46,7 +52,7 @@ def _run(case, tmp_path, **kwargs):
 def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
     case, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(LEAK))
+    monkeypatch.setattr(auto_module, "_gate_audit", _gates(LEAK))
     out = _run(case, tmp_path, candidates="ssd,reset_relearn")
     metrics = out.provenance["events"][-1]["metrics"]
     attempts = metrics["attempts"]
@@ -64,7 +70,7 @@ def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
 def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
     case, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(NO_EVIDENCE))
+    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
     out = _run(case, tmp_path, candidates="finetune,ssd", max_utility_loss=1.0)
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["accepted_method"] == "finetune"
@@ -77,7 +83,7 @@ def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
 
 
 def test_auto_rejects_a_method_that_damages_utility(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(NO_EVIDENCE))
+    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
     values = iter([100.0, 106.0, 101.0])  # trained model, the candidate (+6%), the fallback
     monkeypatch.setattr(auto_module, "mean_neg_elbo", lambda *a, **k: next(values))
     out = _run(case, tmp_path, candidates="finetune")
@@ -101,19 +107,29 @@ def test_auto_with_too_few_development_cells_retrains_without_a_gate(case, tmp_p
     assert not list(tmp_path.rglob("*.npz"))  # no reference pool was paid for
 
 
-def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_out(case, tmp_path):
-    out = _run(case, tmp_path, candidates="ssd", audit=True, audit_kwargs={"n_shadows": 2,
-               "cache_dir": str(tmp_path / "shadows"), "n_bootstrap": 20})  # fmt: skip
+def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_out(
+    overfit_case, overfit_reference_dir, tmp_path
+):
+    model, train, held = overfit_case["model"], overfit_case["train"], overfit_case["held"]
+    forget = train[:70]  # 21 development + 49 reporting forget cells
+    out = model.unlearn(
+        forget, method="auto", nonmembers=held, candidates="ssd", accelerator="cpu",
+        enable_progress_bar=False, reference_cache_dir=str(overfit_reference_dir), audit=True,
+        audit_kwargs={"n_shadows": 2, "cache_dir": str(tmp_path / "shadows"), "n_bootstrap": 20},
+    )  # fmt: skip
     event = out.provenance["events"][-1]
     metrics = event["metrics"]
-    assert metrics["before"]["verdict"] in su.audit.VERDICTS
+    # the over-fitted model leaks on the development cells, so the gate can judge
+    assert metrics["before"]["verdict"] == LEAK
     assert metrics["attempts"][0]["method"] == "ssd"
-    assert "audit" in metrics["attempts"][0]
+    assert metrics["attempts"][0]["audit"]["verdict"] in su.audit.VERDICTS
+    assert metrics["attempts"][-1]["accepted"]
     # the reference pool lives in its own folder, never among the audit's shadows
-    assert list(tmp_path.glob("shadows-*/pool.npz"))
+    assert list(overfit_reference_dir.glob("shadows-*/pool.npz"))
+    assert not set(overfit_reference_dir.glob("*")) & set((tmp_path / "shadows").glob("*"))
     # reporting audit: forget cells and non-members minus the development ones
-    assert event["audit"]["n_members"] == 60 - metrics["n_forget_development"]
-    assert event["audit"]["n_nonmembers"] == 80 - metrics["n_nonmember_development"]
+    assert event["audit"]["n_members"] == 70 - metrics["n_forget_development"]
+    assert event["audit"]["n_nonmembers"] == 100 - metrics["n_nonmember_development"]
 
 
 def test_auto_rejects_unknown_candidates(case):
@@ -121,6 +137,17 @@ def test_auto_rejects_unknown_candidates(case):
         case["model"].unlearn(
             case["forget"], method="auto", nonmembers=case["nonmembers"], candidates="retrain"
         )
+
+
+def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(
+    case, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(NO_EVIDENCE))
+    with pytest.warns(UserWarning, match="cannot tell an approximate method that forgot"):
+        out = _run(case, tmp_path, candidates="finetune")
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["before"]["verdict"] == NO_EVIDENCE
+    assert [a["method"] for a in metrics["attempts"]] == ["retrain_fast"]
 
 
 def test_auto_refuses_max_epochs(case):

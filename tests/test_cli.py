@@ -86,7 +86,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(_demo.DEMO_SETTINGS, "quick", tiny)
     result = _demo.run_demo(out_dir=tmp_path, quick=True, seed=0)
     names = [row["model"] for row in result["summary"]]
-    assert names[0].startswith("baseline") and names[1:] == ["extragradient", "fisher", "retrain"]
+    assert names[0].startswith("baseline")
+    assert names[1:] == ["auto", "extragradient", "fisher", "retrain"]
     for row in result["summary"]:
         assert 0.0 <= row["lira_auc"] <= 1.0
         assert row["verdict"] in su.audit.VERDICTS
@@ -94,6 +95,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert row["overall"] in su.audit.OVERALL_RESULTS
         assert row["utility_vs_retrain"].endswith("%")
     assert result["summary"][-1]["overall"] == su.audit.FORGOTTEN  # retrain against itself
+    # 5 + 4 development cells: auto audits nothing approximate and retrains exactly
+    assert result["summary"][1]["ran"] == "retrain_fast"
     assert (tmp_path / "demo_summary.csv").exists()
     assert (tmp_path / "audit_baseline_roc.png").exists()
     retrained = su.model.SCVI.load(str(tmp_path / "model_retrain"), result["model"].adata.copy())

@@ -211,8 +211,9 @@ def test_oracle_targets_need_an_in_and_an_out_reference_per_cell(small_model):
         su.train.oracle_targets(small_model.module, [state, state], in_mask, tensors)
 
 
-def test_oracle_matching_forgets_with_its_own_reference_pool(forget_case, tmp_path):
+def test_oracle_matching_forgets_with_its_own_reference_pool(forget_case, overfit_reference_dir):
     model, forget = forget_case["model"], forget_case["forget"]
+    tmp_path = overfit_reference_dir
     out = model.unlearn(
         forget, method="oracle_matching", accelerator="cpu", seed=0, max_epochs=20,
         reference_cache_dir=str(tmp_path), enable_progress_bar=False,

@@ -3,11 +3,13 @@
 The gate of each attempt is a membership audit on *development* cells (a share of the forget
 cells and of the non-members, drawn with the run's seed) against the method's own reference
 pool, never the audit's shadows and never the cells left for reporting; and a utility check on
-held-out cells. An attempt is accepted only when the audit finds no evidence of a leak with
-enough power to have found one, and the held-out negative ELBO is within ``max_utility_loss``
-of the trained model's. When no attempt passes, or when the development cells are too few to
-judge (fewer than :data:`MIN_SELECTION_CELLS` of either), the exact ``retrain_fast`` runs:
-private by construction, so an underpowered gate never lets an approximate method through.
+held-out cells. The gate must first see the trained model leak on those cells, otherwise it
+could not tell forgetting from doing nothing. An attempt is accepted only when the audit finds
+no evidence of a leak with enough power to have found one, and the held-out negative ELBO is
+within ``max_utility_loss`` of the trained model's. When no attempt passes, or when the
+development cells are too few to judge (fewer than :data:`MIN_SELECTION_CELLS` of either), the
+exact ``retrain_fast`` runs: private by construction, so a gate without power never lets an
+approximate method through.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from scvi_unlearn._verdict import NO_EVIDENCE
+from scvi_unlearn._verdict import LEAK, NO_EVIDENCE
 from scvi_unlearn.audit import MembershipInference
 from scvi_unlearn.data import validation_split
 from scvi_unlearn.module import per_cell_loss_terms
@@ -177,11 +179,20 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         summary["reference_seconds"] = float(time.perf_counter() - start)
         summary["reference_train_seconds"] = float(sum(pool.train_seconds))
         summary["before"] = _audit_record(_gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"]))
-    elif skip_reason is not None:
+        if summary["before"]["verdict"] != LEAK:
+            # A gate that cannot see the trained model's leak cannot tell forgetting from
+            # doing nothing: it would accept any candidate. Only an exact method is safe.
+            skip_reason = (
+                "the trained model itself shows no leak on the development cells "
+                f"({summary['before']['verdict']}, LiRA AUC {summary['before']['auc']:.2f}), so "
+                "the gate cannot tell an approximate method that forgot from one that did not"
+            )
+            pool = None
+    if skip_reason is not None:
         warnings.warn(
-            f"method='auto': {skip_reason}, so no approximate method is tried and the exact "
-            f"'{AUTO_FALLBACK}' runs. Pass more same-population non-members with `nonmembers=` "
-            "for an audited approximate method.",
+            f"method='auto': {skip_reason}; no approximate method is tried and the exact "
+            f"'{AUTO_FALLBACK}' runs. More same-population non-members (`nonmembers=`) give the "
+            "gate more power.",
             UserWarning,
             stacklevel=3,
         )
