@@ -24,7 +24,7 @@ from scvi_unlearn.train._adversarial import (
     ExtraGradientUnlearningPlan,
     FrozenCriticPlan,
 )
-from scvi_unlearn.train._auto import AUTO_CANDIDATES, run_auto
+from scvi_unlearn.train._auto import AUTO_BUDGET, AUTO_CANDIDATES, run_auto
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     gather_tensors,
@@ -201,6 +201,9 @@ _REFERENCES = {
     "reference_cache_dir": Param(
         None, "str", allow_none=True, doc="default: <shadow cache>/method_references"
     ),
+    # The pool belongs to the data set and recipe, not to one request: every request (and
+    # every unlearning seed) reuses it, so it is paid once.
+    "reference_seed": Param(0, "int", low=0, doc="seed of the reference pool (not the run's)"),
 }
 _FISHER = {
     "alpha": Param(kind="float", low=0, doc="scale of the Golatkar noise"),
@@ -305,7 +308,7 @@ def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
     pool = method_reference_pool(
         run.model,
         hp["n_references"],
-        run.seed,
+        hp["reference_seed"],
         hp["reference_cache_dir"],
         accelerator=run.accelerator,
         devices=run.devices,
@@ -319,7 +322,7 @@ def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
     return {
         "std": torch.as_tensor(std, dtype=torch.float32),
         "n_references": pool.n_shadows,
-        "reference_seed": REFERENCE_SEED_OFFSET + run.seed,
+        "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],
         "reference_seconds": float(time.perf_counter() - start),
         "reference_train_seconds": float(sum(pool.train_seconds)),
     }
@@ -383,7 +386,7 @@ def _run_oracle_matching(run: UnlearningRun) -> dict[str, Any]:
     pool = method_reference_pool(
         run.model,
         hp["n_references"],
-        run.seed,
+        hp["reference_seed"],
         hp["reference_cache_dir"],
         accelerator=run.accelerator,
         devices=run.devices,
@@ -409,7 +412,7 @@ def _run_oracle_matching(run: UnlearningRun) -> dict[str, Any]:
     )
     summary = {
         "n_references": pool.n_shadows,
-        "reference_seed": REFERENCE_SEED_OFFSET + run.seed,
+        "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],
         "reference_group_key": hp["group_key"],
         "reference_seconds": float(reference_seconds),
         "reference_train_seconds": float(sum(pool.train_seconds)),
@@ -769,7 +772,7 @@ METHODS: dict[str, MethodSpec] = {
         "auto",
         {
             "budget": Param(
-                0.25,
+                AUTO_BUDGET,
                 "float",
                 low=0,
                 high=1,
