@@ -10,6 +10,7 @@ from scvi_unlearn.train._adversarial import (
     ExtraGradientUnlearningPlan,
     FrozenCriticPlan,
 )
+from scvi_unlearn.train._auto import AUTO_BUDGET, AUTO_CANDIDATES, AUTO_FALLBACK
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     UnlearningTrainingPlan,
@@ -48,6 +49,9 @@ from scvi_unlearn.train._reset import (
 from scvi_unlearn.train._selection import BestStateSelector
 
 __all__ = [
+    "AUTO_BUDGET",
+    "AUTO_CANDIDATES",
+    "AUTO_FALLBACK",
     "CALIBRATION_KEY",
     "DEFAULT_N_REFERENCES",
     "FROM_PLAN",
