@@ -28,17 +28,18 @@ def case():
     return {"model": model, "forget": train[:60], "nonmembers": held}
 
 
-def _gates(after: str):
-    """A fake gate: the trained model leaks (first call), every attempt reads ``after``."""
-    calls = iter([LEAK])
-    return lambda *a, **k: _FakeGate(next(calls, after))
+def _gates(*after: str):
+    """A fake gate: the trained model leaks (first call), then ``after`` in turn (the last
+    one repeats)."""
+    calls = iter([LEAK, *after])
+    return lambda *a, **k: _FakeGate(next(calls, after[-1]))
 
 
 class _FakeGate:
-    def __init__(self, verdict):
+    def __init__(self, verdict, detectable=0.7):
         self.verdict = verdict
         self.auc, self.auc_ci = 0.5, (0.4, 0.6)
-        self.reference_band, self.detectable_auc = (0.4, 0.6), 0.7
+        self.reference_band, self.detectable_auc = (0.4, 0.6), detectable
 
 
 def _run(case, tmp_path, **kwargs):
@@ -111,16 +112,18 @@ def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_o
     overfit_case, overfit_reference_dir, tmp_path
 ):
     model, train, held = overfit_case["model"], overfit_case["train"], overfit_case["held"]
-    forget = train[:70]  # 21 development + 49 reporting forget cells
+    forget = train[:90]  # 54 development + 36 reporting forget cells (60 + 40 non-members)
     out = model.unlearn(
         forget, method="auto", nonmembers=held, candidates="ssd", accelerator="cpu",
+        val_fraction=0.6,
         enable_progress_bar=False, reference_cache_dir=str(overfit_reference_dir), audit=True,
         audit_kwargs={"n_shadows": 2, "cache_dir": str(tmp_path / "shadows"), "n_bootstrap": 20},
     )  # fmt: skip
     event = out.provenance["events"][-1]
     metrics = event["metrics"]
-    # the over-fitted model leaks on the development cells, so the gate can judge
+    # the over-fitted model leaks on the development cells, and they are enough to judge
     assert metrics["before"]["verdict"] == LEAK
+    assert metrics["before"]["detectable_auc"] <= su.audit.MAX_DETECTABLE_AUC
     assert metrics["attempts"][0]["method"] == "ssd"
     assert metrics["attempts"][0]["audit"]["verdict"] in su.audit.VERDICTS
     assert metrics["attempts"][-1]["accepted"]
@@ -128,7 +131,7 @@ def test_auto_gate_uses_the_method_pool_and_the_audit_leaves_development_cells_o
     assert list(overfit_reference_dir.glob("shadows-*/pool.npz"))
     assert not set(overfit_reference_dir.glob("*")) & set((tmp_path / "shadows").glob("*"))
     # reporting audit: forget cells and non-members minus the development ones
-    assert event["audit"]["n_members"] == 70 - metrics["n_forget_development"]
+    assert event["audit"]["n_members"] == 90 - metrics["n_forget_development"]
     assert event["audit"]["n_nonmembers"] == 100 - metrics["n_nonmember_development"]
 
 
@@ -148,6 +151,40 @@ def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["before"]["verdict"] == NO_EVIDENCE
     assert [a["method"] for a in metrics["attempts"]] == ["retrain_fast"]
+
+
+def test_auto_skips_the_candidates_when_its_gate_is_underpowered(case, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(LEAK, 0.8))
+    with pytest.warns(UserWarning, match="could only detect an AUC above 0.80"):
+        out = _run(case, tmp_path, candidates="finetune")
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert [a["method"] for a in metrics["attempts"]] == ["retrain_fast"]
+
+
+def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(
+    case, tmp_path, monkeypatch
+):
+    # before: leak; finetune passes the gate; after 2 relearning epochs: leak again
+    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE, LEAK))
+    out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
+    metrics = out.provenance["events"][-1]["metrics"]
+    first = metrics["attempts"][0]
+    assert first["audit"]["verdict"] == NO_EVIDENCE and first["relearn"]["verdict"] == LEAK
+    assert not first["accepted"] and "came back" in first["reason"]
+    assert metrics["accepted_method"] == "retrain_fast"
+
+
+def test_auto_relearning_check_keeps_the_candidates_own_weights(case, tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
+    out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["accepted_method"] == "finetune"
+    assert metrics["attempts"][0]["relearn"]["epochs"] == 2
+    alone = case["model"].unlearn(
+        case["forget"], method="finetune", accelerator="cpu", enable_progress_bar=False, seed=0
+    )
+    for key, value in alone.module.state_dict().items():
+        assert np.array_equal(value.numpy(), out.module.state_dict()[key].numpy()), key
 
 
 def test_auto_refuses_max_epochs(case):

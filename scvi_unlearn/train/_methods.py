@@ -795,6 +795,12 @@ METHODS: dict[str, MethodSpec] = {
                 doc="share of forget cells and non-members used as development cells",
             ),
             "n_bootstrap": Param(200, "int", low=10, doc="bootstrap draws of the gate's audit"),
+            "relearn_epochs": Param(
+                3,
+                "int",
+                low=0,
+                doc="epochs of retain fine-tuning before the gate's second audit (0: none)",
+            ),
             **_REFERENCES,
         },
         needs_nonmembers=True,
