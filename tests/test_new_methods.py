@@ -226,3 +226,36 @@ def test_oracle_matching_forgets_with_its_own_reference_pool(forget_case, overfi
     before, after = _lira_auc(forget_case, model), _lira_auc(forget_case, out)
     assert before > 0.75
     assert after < before - 0.2, (before, after)
+
+
+# -- contrastive latent ------------------------------------------------------------------------
+def test_contrastive_moves_forget_posteriors_to_the_prior_and_keeps_retained_ones(forget_case):
+    from torch.distributions import Normal, kl_divergence
+
+    model, forget = forget_case["model"], forget_case["forget"]
+    retained = forget_case["train"][30:80]
+    # a strong anchor: the retained cells' posteriors must then stay where they were
+    out = model.unlearn(
+        forget, method="contrastive", accelerator="cpu", seed=0, max_epochs=10,
+        anchor_weight=10.0, enable_progress_bar=False,
+    )  # fmt: skip
+
+    def posteriors(m, cells):
+        tensors = su.train.gather_tensors(m, cells)
+        m.module.eval()
+        with torch.no_grad():
+            return m.module.inference(**m.module._get_inference_input(tensors))["qz"]
+
+    def kl_to_prior(qz):
+        prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+        return float(kl_divergence(qz, prior).sum(-1).mean())
+
+    before, after = posteriors(model, forget), posteriors(out, forget)
+    assert kl_to_prior(after) < 0.5 * kl_to_prior(before)
+    moved = float(kl_divergence(before, after).sum(-1).mean())
+    r_before, r_after = posteriors(model, retained), posteriors(out, retained)
+    kept = float(kl_divergence(r_before, r_after).sum(-1).mean())
+    assert kept < 0.25 * moved, (kept, moved)
+    # encoder only: the decoder is the trained one
+    for name, value in model.module.decoder.state_dict().items():
+        assert torch.equal(value, out.module.decoder.state_dict()[name]), name

@@ -281,6 +281,7 @@ _PLANS = {
     "scrub": SCRUBPlan,
     "reset_relearn": su.train.ResetRelearnPlan,
     "oracle_matching": su.train.OracleMatchingPlan,
+    "contrastive": su.train.ContrastiveLatentPlan,
     "retrain_fast": su.train.FastRetrainPlan,
     "retrain": scvi.train.TrainingPlan,
 }

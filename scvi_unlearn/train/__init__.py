@@ -18,6 +18,7 @@ from scvi_unlearn.train._common import (
     loss_auc,
     seed_everything,
 )
+from scvi_unlearn.train._contrastive import ContrastiveLatentPlan
 from scvi_unlearn.train._critics import CriticEnsemble
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
@@ -59,6 +60,7 @@ __all__ = [
     "MIN_SELECTION_CELLS",
     "REFERENCE_SEED_OFFSET",
     "BestStateSelector",
+    "ContrastiveLatentPlan",
     "CriticEnsemble",
     "ExtraGradientUnlearningPlan",
     "FastRetrainPlan",

@@ -32,6 +32,7 @@ from scvi_unlearn.train._common import (
     make_data_splitter,
     run_plan,
 )
+from scvi_unlearn.train._contrastive import ContrastiveLatentPlan
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import FisherScrubbingPlan
@@ -447,6 +448,18 @@ def _run_gradient_ascent(run: UnlearningRun) -> dict[str, Any]:
     return _with_history({}, run.fit(plan, run.retain))
 
 
+def _run_contrastive(run: UnlearningRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    plan = ContrastiveLatentPlan(
+        run.model.module,
+        gather_tensors(run.model, run.forget),
+        anchor_weight=hp["anchor_weight"],
+        forget_batch_size=hp["forget_batch_size"],
+        **run.plan_kwargs(),
+    )
+    return _with_history({}, run.fit(plan, run.retain))
+
+
 def _run_scrub(run: UnlearningRun) -> dict[str, Any]:
     hp = run.hyperparameters
     plan = SCRUBPlan(
@@ -729,6 +742,20 @@ METHODS: dict[str, MethodSpec] = {
         run=_run_scrub,
         description="SCRUB teacher-student (Kurmanji et al. 2023)",
         plan=SCRUBPlan,
+    ),
+    "contrastive": MethodSpec(
+        "contrastive",
+        {
+            **_TRAINING,
+            "anchor_weight": Param(kind="float", low=0, doc="weight of the retained anchor"),
+            "forget_batch_size": Param(kind="int", low=1),
+        },
+        needs_nonmembers=False,
+        default_max_epochs=10,
+        run=_run_contrastive,
+        description="encoder only: forget posteriors to the prior, retained ones anchored "
+        "(the original study's contrastive-latent method; it over-unlearned there)",
+        plan=ContrastiveLatentPlan,
     ),
     "reset_relearn": MethodSpec(
         "reset_relearn",
