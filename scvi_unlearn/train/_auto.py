@@ -35,7 +35,7 @@ from scvi_unlearn.train._common import (
 )
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._params import check_hyperparameters
-from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, method_reference_pool
+from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, run_reference_pool
 
 if TYPE_CHECKING:
     from scvi_unlearn.train._methods import UnlearningRun
@@ -170,19 +170,9 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         skip_reason = "no held-out cells to measure utility on"
     pool = None
     if skip_reason is None and candidates:
-        start = time.perf_counter()
-        pool = method_reference_pool(
-            run.model,
-            hp["n_references"],
-            hp["reference_seed"],
-            hp["reference_cache_dir"],
-            accelerator=run.accelerator,
-            devices=run.devices,
-            progress_bar=run.enable_progress_bar,
-            keep_models="oracle_matching" in candidates,
-        )
-        summary["reference_seconds"] = float(time.perf_counter() - start)
-        summary["reference_train_seconds"] = float(sum(pool.train_seconds))
+        pool, record = run_reference_pool(run, keep_models="oracle_matching" in candidates)
+        summary["reference_seconds"] = record["reference_seconds"]
+        summary["reference_train_seconds"] = record["reference_train_seconds"]
         summary["before"] = _audit_record(_gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"]))
         if summary["before"]["detectable_auc"] > MAX_DETECTABLE_AUC:
             # The smallest AUC the gate could call a leak depends only on the cell counts and

@@ -6,7 +6,6 @@ validated hyper-parameters) and returns a JSON-able summary of what happened.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,9 +44,8 @@ from scvi_unlearn.train._oracle import (
 from scvi_unlearn.train._params import Param, plan_defaults, resolve_plan_defaults
 from scvi_unlearn.train._references import (
     DEFAULT_N_REFERENCES,
-    REFERENCE_SEED_OFFSET,
-    method_reference_pool,
     out_calibration,
+    run_reference_pool,
 )
 from scvi_unlearn.train._reset import ResetRelearnPlan, request_seed
 
@@ -303,30 +301,13 @@ def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
     The reference pool is the method's own (:func:`method_reference_pool`), never the audit's
     shadows.
     """
-    hp = run.hyperparameters
-    _check_even(run, hp["n_references"])
-    start = time.perf_counter()
-    pool = method_reference_pool(
-        run.model,
-        hp["n_references"],
-        hp["reference_seed"],
-        hp["reference_cache_dir"],
-        accelerator=run.accelerator,
-        devices=run.devices,
-        progress_bar=run.enable_progress_bar,
-    )
+    pool, record = run_reference_pool(run)
     everything = np.concatenate(list(sets.values())).astype(np.int64)
     _, std = out_calibration(pool, everything)
     for name, cells in sets.items():
         mean, _ = out_calibration(pool, np.asarray(cells, dtype=np.int64))
         tensors[name][CALIBRATION_KEY] = torch.as_tensor(mean, dtype=torch.float32)
-    return {
-        "std": torch.as_tensor(std, dtype=torch.float32),
-        "n_references": pool.n_shadows,
-        "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],
-        "reference_seconds": float(time.perf_counter() - start),
-        "reference_train_seconds": float(sum(pool.train_seconds)),
-    }
+    return {"std": torch.as_tensor(std, dtype=torch.float32), **record}
 
 
 def _with_history(summary: dict[str, Any], runner) -> dict[str, Any]:
@@ -382,20 +363,7 @@ def _run_fisher(run: UnlearningRun) -> dict[str, Any]:
 
 def _run_oracle_matching(run: UnlearningRun) -> dict[str, Any]:
     hp = run.hyperparameters
-    _check_even(run, hp["n_references"])
-    start = time.perf_counter()
-    pool = method_reference_pool(
-        run.model,
-        hp["n_references"],
-        hp["reference_seed"],
-        hp["reference_cache_dir"],
-        accelerator=run.accelerator,
-        devices=run.devices,
-        progress_bar=run.enable_progress_bar,
-        keep_models=True,
-        group_key=hp["group_key"],
-    )
-    reference_seconds = time.perf_counter() - start
+    pool, record = run_reference_pool(run, keep_models=True, group_key=hp["group_key"])
     forget = gather_tensors(run.model, run.forget)
     targets = oracle_targets(
         run.model.module, pool.state_dicts, pool.in_mask[:, run.forget], forget
@@ -412,23 +380,12 @@ def _run_oracle_matching(run: UnlearningRun) -> dict[str, Any]:
         **run.plan_kwargs(),
     )
     summary = {
-        "n_references": pool.n_shadows,
-        "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],
+        **record,
         "reference_group_key": hp["group_key"],
-        "reference_seconds": float(reference_seconds),
-        "reference_train_seconds": float(sum(pool.train_seconds)),
         "oracle_score_shift_mean": float(np.mean(targets["score_shift"])),
         "oracle_score_sd": targets["score_sd"],
     }
     return _with_history(summary, run.fit(plan, run.retain))
-
-
-def _check_even(run: UnlearningRun, n_references: int) -> None:
-    if n_references % 2:
-        raise ValueError(
-            f"{run.method}: `n_references` must be even (every cell is left out by exactly half "
-            f"of the reference models), got {n_references}."
-        )
 
 
 def _run_finetune(run: UnlearningRun) -> dict[str, Any]:

@@ -9,7 +9,9 @@ protocol's rule; :ref:`methods-protocol`). It is paid once per data set and reci
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +72,42 @@ def method_reference_pool(
         keep_models=keep_models,
         groups=groups,
     )
+
+
+def run_reference_pool(
+    run, keep_models: bool = False, group_key: str | None = None
+) -> tuple[ShadowPool, dict[str, Any]]:
+    """The reference pool of an unlearning run, and its record for the provenance.
+
+    The run's ``n_references``, ``reference_seed`` and ``reference_cache_dir``
+    hyper-parameters say which pool. Raises if ``n_references`` is odd (every cell must be
+    left out by exactly half).
+    """
+    hp = run.hyperparameters
+    if hp["n_references"] % 2:
+        raise ValueError(
+            f"{run.method}: `n_references` must be even (every cell is left out by exactly half "
+            f"of the reference models), got {hp['n_references']}."
+        )
+    start = time.perf_counter()
+    pool = method_reference_pool(
+        run.model,
+        hp["n_references"],
+        hp["reference_seed"],
+        hp["reference_cache_dir"],
+        accelerator=run.accelerator,
+        devices=run.devices,
+        progress_bar=run.enable_progress_bar,
+        keep_models=keep_models,
+        group_key=group_key,
+    )
+    record = {
+        "n_references": pool.n_shadows,
+        "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],
+        "reference_seconds": float(time.perf_counter() - start),
+        "reference_train_seconds": float(sum(pool.train_seconds)),
+    }
+    return pool, record
 
 
 def out_calibration(pool: ShadowPool, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
