@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -48,10 +49,11 @@ def test_ssd_dampens_only_forget_dominated_parameters():
     assert ssd_dampening_factor(f_forget, f_retain, dampening=200.0)[0].item() == 1.0
 
 
-def test_diagonal_fisher_matches_per_cell_autograd(small_model):
+@pytest.mark.parametrize("method", ["hooks", "functional"])
+def test_diagonal_fisher_matches_per_cell_autograd(small_model, method):
     module = small_model.module
     tensors = gather_tensors(small_model, np.arange(6))
-    fisher = diagonal_fisher(module, iter_chunks(tensors, 4))  # two vmap batches
+    fisher = diagonal_fisher(module, iter_chunks(tensors, 4), method)  # two batches
     params = dict(module.named_parameters())
     expected = {k: torch.zeros_like(p) for k, p in params.items()}
     with eval_mode(module):
@@ -67,6 +69,89 @@ def test_diagonal_fisher_matches_per_cell_autograd(small_model):
         assert torch.allclose(fisher[k], expected[k], rtol=1e-3, atol=1e-6), k
     # the mean of squared per-cell gradients exceeds the square of the mean gradient
     assert sum(float(v.sum()) for v in fisher.values()) > 0
+
+
+@pytest.fixture(scope="module")
+def covariate_model():
+    """Batch covariates injected into every layer, layer norm and batch norm, gene-batch
+    dispersion: every layer kind the hook Fisher handles, and a dispersion outside layers."""
+    adata = su.data.synthetic_pbmc(n_cells=120, n_genes=40, seed=5)
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "a", "b")
+    su.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = su.model.SCVI(
+        adata, n_hidden=16, n_latent=3, n_layers=2, use_layer_norm="both",
+        dispersion="gene-batch", encode_covariates=True,
+    )  # fmt: skip
+    model.train(max_epochs=3, accelerator="cpu", train_size=1.0, enable_progress_bar=False)
+    return model
+
+
+def _per_cell_loop_fisher(module, tensors):
+    """The reference: one autograd call per cell."""
+    params = dict(module.named_parameters())
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    n = next(iter(tensors.values())).shape[0]
+    with eval_mode(module):
+        for i in range(n):
+            cell = {k: v[i : i + 1] for k, v in tensors.items()}
+            loss = per_cell_loss_terms(module, cell)["neg_elbo"].sum()
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (k, _), g in zip(params.items(), grads):
+                if g is not None:
+                    expected[k] += g.pow(2) / n
+    return expected
+
+
+def test_hook_fisher_matches_per_cell_autograd_on_every_layer_kind(covariate_model):
+    module = covariate_model.module
+    tensors = gather_tensors(covariate_model, np.arange(40))
+    hooks = diagonal_fisher(module, iter_chunks(tensors, 32), "hooks")
+    expected = _per_cell_loop_fisher(module, tensors)
+    kinds = {type(m).__name__ for m in module.modules()}
+    assert {"Linear", "BatchNorm1d", "LayerNorm"} <= kinds
+    assert set(hooks) == set(expected)
+    for k in expected:
+        scale = float(expected[k].abs().max()) + 1e-12
+        assert torch.allclose(hooks[k], expected[k], rtol=1e-4, atol=1e-6 * scale), k
+    assert float(hooks["px_r"].sum()) > 0  # the dispersion (outside any layer) is counted
+    # torch.func cannot trace scVI's one-hot covariates: a clear error, not a wrong answer
+    with pytest.raises(RuntimeError, match="method='hooks'"):
+        diagonal_fisher(module, iter_chunks(tensors, 8), "functional")
+
+
+def test_hook_fisher_general_path_for_parameters_outside_layers(small_model, monkeypatch):
+    """Parameters the dispersion shortcut cannot place take the batched-backward path."""
+    from scvi_unlearn.train._fisher import _HookedLayers
+
+    module = small_model.module
+    tensors = gather_tensors(small_model, np.arange(12))
+    monkeypatch.setattr(_HookedLayers, "_add_dispersion_squares", lambda *a, **k: False)
+    general = diagonal_fisher(module, iter_chunks(tensors, 8), "hooks")
+    expected = _per_cell_loop_fisher(module, tensors)
+    assert torch.allclose(general["px_r"], expected["px_r"], rtol=1e-4, atol=1e-8)
+
+
+def test_hook_fisher_refuses_a_layer_used_twice(small_model):
+    module = copy.deepcopy(small_model.module)
+    square = torch.nn.Linear(4, 4)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.square = square
+
+        def forward(self, x):
+            return self.square(self.square(x))  # one layer, two uses per cell
+
+    module.z_encoder.mean_encoder = torch.nn.Sequential(module.z_encoder.mean_encoder, Twice())
+    tensors = gather_tensors(small_model, np.arange(4))
+    with pytest.raises(RuntimeError, match="ran twice"):
+        diagonal_fisher(module, [tensors], "hooks")
+
+
+def test_diagonal_fisher_rejects_unknown_method(small_model):
+    with pytest.raises(ValueError, match="hooks"):
+        diagonal_fisher(small_model.module, [], "backpack")
 
 
 def test_fisher_plan_noise_follows_inverse_fisher(small_model):

@@ -92,6 +92,13 @@ def per_cell_loss_terms(
     own per-cell scale), ``library`` (total counts), plus 2-d ``qz_mean``, ``qz_var`` and
     ``px_mu`` (the decoder's expected counts per gene).
     """
+    return per_cell_loss_terms_and_likelihood(module, tensors, sparse_likelihood)[0]
+
+
+def per_cell_loss_terms_and_likelihood(
+    module: torch.nn.Module, tensors: dict[str, torch.Tensor], sparse_likelihood: bool = False
+) -> tuple[dict, Distribution]:
+    """:func:`per_cell_loss_terms` and the count likelihood ``p(x | z)`` it evaluated."""
     inference_inputs = module._get_inference_input(tensors)
     inference_outputs = dict(module.inference(**inference_inputs))
     qz = inference_outputs["qz"]
@@ -106,7 +113,7 @@ def per_cell_loss_terms(
     kl_l = torch.zeros_like(kl_z)
     if inference_outputs.get("ql") is not None and generative_outputs.get("pl") is not None:
         kl_l = kl_divergence(inference_outputs["ql"], generative_outputs["pl"]).sum(-1)
-    return {
+    terms = {
         "reconstruction_nll": reconstruction,
         "kl_z": kl_z + kl_l,
         "neg_elbo": reconstruction + kl_z + kl_l,
@@ -115,6 +122,7 @@ def per_cell_loss_terms(
         "qz_var": qz.scale.pow(2),
         "px_mu": px.mu,
     }
+    return terms, px
 
 
 def feature_matrix(terms: dict[str, torch.Tensor]) -> torch.Tensor:

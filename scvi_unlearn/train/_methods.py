@@ -209,7 +209,8 @@ _FISHER = {
     "eps": Param(kind="float", low=0, low_open=True),
     "max_std": Param(kind="float", low=0, low_open=True),
     "n_fisher_cells": Param(1024, "int", low=1),
-    "fisher_batch_size": Param(kind="int", low=1),
+    "fisher_method": Param(kind="str", doc="'hooks' (default) or 'functional' (reference)"),
+    "fisher_batch_size": Param(kind="int", low=1, allow_none=True),
     "finetune_epochs": Param(0, "int", low=0),
     "ssd": Param(kind="bool"),
     "selection_weight": Param(kind="float", low=0, low_open=True),
@@ -354,6 +355,7 @@ def _run_fisher(run: UnlearningRun) -> dict[str, Any]:
         ssd=hp["ssd"],
         selection_weight=hp["selection_weight"],
         dampening=hp["dampening"],
+        fisher_method=hp["fisher_method"],
         fisher_batch_size=hp["fisher_batch_size"],
         **run.plan_kwargs(),
     )
