@@ -24,10 +24,10 @@ from scvi_unlearn.train import FROM_PLAN, METHODS, plan_defaults
 
 PACKAGE = Path(su.__file__).resolve().parent
 #: Third-party packages that may be imported inside a function: heavy and needed by few paths.
-LAZY_ALLOWED = {"matplotlib", "scanpy"}
+LAZY_ALLOWED = {"matplotlib", "scanpy", "ray", "opacus"}
 #: Lower layers first: a module may import only from its own layer or a lower one.
 LAYERS = [
-    {"_utils", "_validation", "_verdict"},
+    {"_utils", "_validation", "_verdict", "_executor"},
     {"_model_data", "module", "data", "_recipe", "pl"},
     {"audit"},
     {"train", "utility"},

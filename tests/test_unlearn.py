@@ -648,3 +648,14 @@ def test_calibrated_extragradient_plays_on_the_lira_statistic_of_its_own_pool(
     assert metrics["val_auc_warm_start"] > 0.8  # the over-fitted model leaks on that statistic
     with pytest.raises(ValueError, match="n_references` must be even"):
         model.unlearn(split.forget, method="extragradient_calibrated", n_references=5)
+
+
+def test_train_without_max_epochs_uses_scvi_heuristic_and_records_it():
+    # scvi-tools 1.4 keeps the heuristic in scvi.model._utils (not scvi.model): this broke once.
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    adata = su.data.synthetic_pbmc(n_cells=60, n_genes=40, seed=0)
+    su.model.SCVI.setup_anndata(adata)
+    model = su.model.SCVI(adata, n_hidden=8, n_latent=2)
+    model.train(accelerator="cpu", enable_progress_bar=False, batch_size=60, train_size=1.0)
+    assert model.train_kwargs_["max_epochs"] == get_max_epochs_heuristic(60)

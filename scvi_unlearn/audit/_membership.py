@@ -6,6 +6,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +54,9 @@ from scvi_unlearn.audit._metrics import (
 from scvi_unlearn.audit._report import AuditReport, score_attack
 from scvi_unlearn.audit._shadows import ShadowPool, default_cache_dir, train_shadow_pool
 from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES
+
+if TYPE_CHECKING:
+    from scvi_unlearn._executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,10 @@ class MembershipInference:
         half-size shadows, a donor Kang's leave-one-out model never saw read as a leak
         (``benchmarks/results/audit_donors``). ``n_shadows * groups_out`` must be a multiple
         of the number of groups, at least twice it.
+    executor
+        Where the shadow fits run (:class:`~scvi_unlearn.Executor`: sequential, a local
+        process pool or Ray); :func:`~scvi_unlearn.get_default_executor` by default. The same
+        seeds give the same shadows on every backend.
     **recipe_overrides
         Replace recipe fields for the shadows (e.g. ``max_epochs``); recorded in the report,
         since shadows that differ from the target weaken the attack.
@@ -139,6 +147,7 @@ class MembershipInference:
         group_key: str | None = None,
         min_group_cells: int = DEFAULT_MIN_GROUP_CELLS,
         groups_out: int | None = None,
+        executor: Executor | None = None,
         **recipe_overrides,
     ):
         if adata.n_obs < 4:
@@ -183,6 +192,7 @@ class MembershipInference:
         self.recipe_overrides = dict(recipe_overrides)
         self.accelerator = accelerator
         self.devices = devices
+        self.executor = executor
         self.shadows_: ShadowPool | None = None
         self._classifier = None
 
@@ -210,6 +220,7 @@ class MembershipInference:
             progress_bar=progress_bar,
             groups=self.group_codes_,
             groups_out=self.groups_out,
+            executor=self.executor,
         )
         self.fit_seconds_ = time.perf_counter() - start
         self._classifier = None

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from scipy import sparse
-from scvi.utils import track
 
+from scvi_unlearn._executor import Executor, get_default_executor, writable_dir
 from scvi_unlearn.audit._features import attack_features
 from scvi_unlearn.module import SCALAR_FEATURES
 
@@ -218,6 +218,7 @@ def train_shadow_pool(
     groups: np.ndarray | None = None,
     groups_out: int | None = None,
     keep_models: bool = False,
+    executor: Executor | None = None,
 ) -> ShadowPool:
     """Train (or load from cache) the shadow models and featurise every cell under each.
 
@@ -231,6 +232,10 @@ def train_shadow_pool(
     every group is IN for exactly half the shadows, and so are its cells, and every shadow
     trains on half of the groups (:func:`paired_membership`); with ``groups_out``, every
     shadow trains on all groups but ``groups_out`` (:func:`leave_out_membership`).
+
+    The fits run on ``executor`` (default: :func:`~scvi_unlearn.get_default_executor`,
+    sequential in this process): a local process pool or Ray give the same models for the same
+    seeds (and torch threads per task), and the cache is written here, by this process.
     """
     if groups is None:
         membership = balanced_membership(n_shadows, pool.size, seed)
@@ -262,7 +267,7 @@ def train_shadow_pool(
             if keep_models:
                 result.state_dicts = [_load_weights(model_file(k)) for k in range(n_shadows)]
             return result
-        folder.mkdir(parents=True, exist_ok=True)
+        writable_dir(folder)
         (folder / "meta.json").write_text(
             json.dumps(
                 {
@@ -278,44 +283,52 @@ def train_shadow_pool(
         )
     features = np.empty((n_shadows, adata.n_obs, len(SCALAR_FEATURES)))
     in_mask = np.zeros((n_shadows, adata.n_obs), dtype=bool)
-    seconds: list[float] = []
-    state_dicts: list[dict] = []
-    for k in track(
-        range(n_shadows), description="Training shadow models", disable=not progress_bar
-    ):
+    seconds = [0.0] * n_shadows
+    state_dicts: list[dict | None] = [None] * n_shadows
+    todo = []
+    for k in range(n_shadows):
         part = None if folder is None else folder / f"shadow_{k}.npz"
         weights = model_file(k)
         if part is not None and part.exists() and (not keep_models or weights.exists()):
             if keep_models:
-                state_dicts.append(_load_weights(weights))
+                state_dicts[k] = _load_weights(weights)
             with np.load(part) as f:
                 features[k], in_mask[k] = f["features"], f["in_mask"]
-                seconds.append(float(f["seconds"]))
+                seconds[k] = float(f["seconds"])
             continue
-        start = time.perf_counter()
-        cells = pool[membership[k]]
-        with _quiet_lightning():
-            shadow = recipe.fit(
-                adata[cells].copy(),
-                seed=seed * 10_007 + k,
-                accelerator=accelerator,
-                devices=devices,
-                enable_progress_bar=False,
-            )
-            # scVI may hold some cells out for validation: only trained cells are IN.
-            in_mask[k, cells[np.asarray(shadow.train_indices, dtype=int)]] = True
-            features[k] = attack_features(shadow, adata, batch_size=feature_batch_size).to_numpy()
-        seconds.append(time.perf_counter() - start)
+        todo.append(k)
+
+    def store(i: int, fitted: dict) -> None:
+        # Runs in this process as each fit finishes: the cache is written by one process,
+        # atomically, whatever the backend.
+        k = todo[i]
+        features[k] = fitted["features"]
+        in_mask[k, fitted["trained_cells"]] = True
+        seconds[k] = fitted["seconds"]
         if keep_models:
-            state_dicts.append(
-                {n: v.detach().cpu().clone() for n, v in shadow.module.state_dict().items()}
-            )
-            if weights is not None:
-                _atomic_torch_save(state_dicts[-1], weights)
-        if part is not None:
-            np.savez_compressed(
-                part, features=features[k], in_mask=in_mask[k], seconds=seconds[-1]
-            )
+            state_dicts[k] = fitted["state_dict"]
+            if model_file(k) is not None:
+                _atomic_torch_save(fitted["state_dict"], model_file(k))
+        if folder is not None:
+            _atomic_savez(
+                folder / f"shadow_{k}.npz",
+                features=features[k], in_mask=in_mask[k], seconds=seconds[k],
+            )  # fmt: skip
+
+    runner = executor or get_default_executor()
+    shared = {
+        "adata": adata, "recipe": recipe, "accelerator": accelerator, "devices": devices,
+        "feature_batch_size": feature_batch_size,
+    }  # fmt: skip
+    tasks = [
+        {"cells": pool[membership[k]], "seed": seed * 10_007 + k, "keep_model": keep_models}
+        for k in todo
+    ]
+    with _quiet_lightning():
+        runner.map(
+            fit_shadow, tasks, shared=shared, on_result=store,
+            description="Training shadow models", progress_bar=None if progress_bar else False,
+        )  # fmt: skip
     result = ShadowPool(
         features, in_mask, pool, SCALAR_FEATURES, seconds, state_dicts if keep_models else None
     )
@@ -324,13 +337,52 @@ def train_shadow_pool(
     return result
 
 
+def fit_shadow(shared: dict, cells: np.ndarray, seed: int, keep_model: bool) -> dict:
+    """One shadow fit (an :class:`~scvi_unlearn.Executor` task): train, featurise every cell.
+
+    ``shared`` holds the AnnData, the recipe, the hardware arguments and the feature batch
+    size; returns the features, the positions it trained on (scVI may hold some of ``cells``
+    out for validation: only trained cells are IN), the wall time and, with ``keep_model``,
+    the weights.
+    """
+    adata, recipe = shared["adata"], shared["recipe"]
+    start = time.perf_counter()
+    with _quiet_lightning():
+        shadow = recipe.fit(
+            adata[cells].copy(),
+            seed=seed,
+            accelerator=shared["accelerator"],
+            devices=shared["devices"],
+            enable_progress_bar=False,
+        )
+        features = attack_features(
+            shadow, adata, batch_size=shared["feature_batch_size"]
+        ).to_numpy()
+    state = None
+    if keep_model:
+        state = {n: v.detach().cpu().clone() for n, v in shadow.module.state_dict().items()}
+    return {
+        "features": features,
+        "trained_cells": cells[np.asarray(shadow.train_indices, dtype=int)],
+        "seconds": time.perf_counter() - start,
+        "state_dict": state,
+    }
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    """``np.savez_compressed`` to a temporary name, then rename (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
 def _load_weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _atomic_torch_save(state: dict, path: Path) -> None:
     """Write to a temporary name, then rename: a killed run never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 

@@ -12,6 +12,7 @@ import anndata
 import numpy as np
 import scvi
 from anndata import AnnData
+from scvi.model._utils import get_max_epochs_heuristic
 from scvi.train._trainingplans import _compute_kl_weight
 
 from scvi_unlearn._recipe import register_model_class
@@ -19,6 +20,8 @@ from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._safe_load import check_safe_model_file
+from scvi_unlearn.train import train_dp
+from scvi_unlearn.train._dp import load_privacy, save_privacy
 
 PROVENANCE_FILE = "unlearning_provenance.json"
 
@@ -41,7 +44,7 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
     def train(self, max_epochs: int | None = None, **kwargs):
         """Train the model (see :meth:`scvi.model.SCVI.train`) and record the arguments."""
         if max_epochs is None:
-            max_epochs = scvi.model.get_max_epochs_heuristic(self.adata.n_obs)
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
         result = super().train(max_epochs=max_epochs, **kwargs)
         recorded = {"max_epochs": int(max_epochs)}
         kwargs = _without_cell_choice(kwargs, len(self.train_indices), self.validation_indices)
@@ -106,15 +109,26 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         if os.path.exists(provenance_path):
             with open(provenance_path) as handle:
                 model.unlearning_provenance_ = json.load(handle)
+        load_privacy(model, dir_path)
         return model
 
     def save(self, dir_path: str, overwrite: bool = False, **kwargs) -> None:
-        """Save like :meth:`scvi.model.SCVI.save`, plus a readable provenance JSON file."""
+        """Save like :meth:`scvi.model.SCVI.save`, plus readable provenance and privacy JSON."""
         super().save(dir_path, overwrite=overwrite, **kwargs)
         provenance = getattr(self, "unlearning_provenance_", None)
         if provenance:
             with open(os.path.join(dir_path, PROVENANCE_FILE), "w") as handle:
                 json.dump(to_jsonable(provenance), handle, indent=2)
+        save_privacy(self, dir_path)
+
+    def train_private(self, **kwargs) -> dict[str, Any]:
+        """Train with DP-SGD to a privacy budget; see :func:`scvi_unlearn.train.train_dp`.
+
+        The model must be built without batch norm (``use_batch_norm="none",
+        use_layer_norm="both"``). The spent ``(epsilon, delta)`` is kept in ``dp_privacy_``
+        and saved with the model (``dp_privacy.json``).
+        """
+        return train_dp(self, **kwargs)
 
     @classmethod
     def from_scvi(cls, model: scvi.model.SCVI) -> SCVI:

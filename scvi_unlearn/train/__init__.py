@@ -20,6 +20,7 @@ from scvi_unlearn.train._common import (
 )
 from scvi_unlearn.train._contrastive import ContrastiveLatentPlan
 from scvi_unlearn.train._critics import CriticEnsemble
+from scvi_unlearn.train._dp import DPTrainingPlan, train_dp
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._fast_retrain import FastRetrainPlan
 from scvi_unlearn.train._fisher import (
@@ -62,6 +63,7 @@ __all__ = [
     "BestStateSelector",
     "ContrastiveLatentPlan",
     "CriticEnsemble",
+    "DPTrainingPlan",
     "ExtraGradientUnlearningPlan",
     "FastRetrainPlan",
     "FisherScrubbingPlan",
@@ -90,4 +92,5 @@ __all__ = [
     "saliency_scores",
     "seed_everything",
     "ssd_dampening_factor",
+    "train_dp",
 ]

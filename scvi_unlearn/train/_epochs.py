@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import scvi
+from scvi.model._utils import get_max_epochs_heuristic
 
 from scvi_unlearn._recipe import Recipe
 
@@ -24,7 +24,7 @@ def resolve_epochs(model, spec, method: str, max_epochs: int | None, hyperparame
         return max_epochs
     if method == "retrain" or "budget" in hyperparameters or "relearn_budget" in hyperparameters:
         recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
-        full = int(recorded or scvi.model.get_max_epochs_heuristic(len(model.train_indices)))
+        full = int(recorded or get_max_epochs_heuristic(len(model.train_indices)))
         share = hyperparameters.get("budget", hyperparameters.get("relearn_budget", 1.0))
         return max(1, math.ceil(share * full))
     if "finetune_epochs" in hyperparameters:

@@ -1,0 +1,866 @@
+"""Differentially private training of scVI: DP-SGD (Abadi et al. 2016) with Opacus accounting.
+
+A model trained with DP-SGD needs no unlearning to hide any one cell: whatever a single cell
+changes in the weights is bounded by the privacy budget ``(epsilon, delta)``. Each step
+
+1. draws a **Poisson** minibatch: every training cell joins independently with probability
+   ``sample_rate`` (Opacus' :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`
+   over scvi-tools' own AnnData dataset, see :class:`PoissonDataSplitter`); a batch may be
+   empty, which is then a noise-only step;
+2. computes every cell's gradient of its own negative ELBO with ``torch.func``
+   (``vmap(grad(functional_call(...)))``, chunk by chunk);
+3. clips each cell's gradient to L2 norm ``max_grad_norm`` (one flat norm over all trainable
+   parameters), sums them, adds ``noise_multiplier * max_grad_norm * N(0, I)``, divides by the
+   *expected* batch size ``sample_rate * n_train`` and takes scVI's Adam step;
+4. steps an Opacus accountant (RDP by default, or PRV) with ``(noise_multiplier,
+   sample_rate)``.
+
+The privacy unit is **one cell** (one row of the AnnData). A donor contributing ``k`` cells is
+protected only at the group level, roughly ``k`` times the budget: train on one cell per donor,
+or account for it, when donors are the unit that must stay private.
+
+The plan runs under scvi-tools' :class:`~scvi.train.TrainRunner` like every plan of this
+package (:func:`~scvi_unlearn.train._common.run_plan`); :func:`train_dp` is the entry point.
+Batch norm mixes the cells of a minibatch (per-cell gradients stop being per cell, and its
+running statistics are an unprotected release), so models must be built with
+``use_batch_norm="none", use_layer_norm="both"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scvi.dataloaders import DataSplitter
+from scvi.model._utils import get_max_epochs_heuristic
+from scvi.train import TrainingPlan
+from scvi.train._trainingplans import _compute_kl_weight
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.data import DataLoader
+
+from scvi_unlearn._utils import dump_json
+from scvi_unlearn._validation import as_cell_indices
+from scvi_unlearn.module import per_cell_loss_terms
+from scvi_unlearn.train._common import (
+    iter_chunks,
+    make_data_splitter,
+    run_plan,
+    seed_everything,
+)
+
+if TYPE_CHECKING:
+    from scvi.model import SCVI
+
+    from scvi_unlearn._validation import IndexLike
+    from scvi_unlearn.train._common import Tensors
+
+#: Accounting mechanisms of Opacus that :func:`train_dp` accepts.
+ACCOUNTANTS = ("rdp", "prv")
+#: Per-cell losses :class:`DPTrainingPlan` can privatise.
+PER_CELL_LOSSES = ("elbo", "posterior_mean")
+#: File that :func:`save_privacy` writes beside a saved model.
+PRIVACY_FILE = "dp_privacy.json"
+_INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
+_BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def require_opacus():
+    """Import Opacus, or raise an ImportError that says how to install it.
+
+    Raises
+    ------
+    ImportError
+        If Opacus is not installed.
+    """
+    try:
+        import opacus
+        import opacus.accountants
+    except ImportError as err:
+        raise ImportError(
+            "Differentially private training needs Opacus, which is not installed: "
+            f"{_INSTALL_HINT} (or pip install 'opacus>=1.5')."
+        ) from err
+    return opacus
+
+
+def check_no_batch_norm(module: torch.nn.Module) -> None:
+    """Raise if ``module`` has a batch-norm layer, which per-cell privacy cannot allow.
+
+    Raises
+    ------
+    ValueError
+        Naming the layers and the fix (``use_batch_norm="none", use_layer_norm="both"``).
+    """
+    names = [name for name, layer in module.named_modules() if isinstance(layer, _BATCH_NORMS)]
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(
+            f"The model has batch-norm layers ({shown}). Batch norm mixes the cells of a "
+            "minibatch, so per-cell gradients (and their clipping) no longer bound any one "
+            "cell's influence, and its running statistics are released unprotected. Build the "
+            'model with `use_batch_norm="none", use_layer_norm="both"`, e.g. '
+            '`SCVI(adata, use_batch_norm="none", use_layer_norm="both")`.'
+        )
+
+
+def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+    return value
+
+
+def check_privacy_arguments(
+    *,
+    target_epsilon: float | None,
+    target_delta: float,
+    noise_multiplier: float | None,
+    max_grad_norm: float,
+    sample_rate: float,
+    accountant: str,
+) -> None:
+    """Validate DP-SGD settings; raise with a message naming the bad one.
+
+    Parameters
+    ----------
+    target_epsilon, target_delta
+        The budget (``target_epsilon > 0`` or ``None``; ``0 < target_delta < 1``).
+    noise_multiplier
+        The noise multiplier (``>= 0``) or ``None``; exactly one of it and ``target_epsilon``.
+    max_grad_norm
+        Per-cell clipping norm (``> 0``).
+    sample_rate
+        Poisson inclusion probability of each cell (``0 < sample_rate <= 1``).
+    accountant
+        One of :data:`ACCOUNTANTS`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a missing, contradictory or out-of-range setting.
+    """
+    if target_epsilon is None and noise_multiplier is None:
+        raise ValueError(
+            "Give a privacy budget `target_epsilon` (the noise multiplier is then found for "
+            "it) or a `noise_multiplier` (the spent epsilon is then reported)."
+        )
+    if target_epsilon is not None and noise_multiplier is not None:
+        raise ValueError("Give `target_epsilon` or `noise_multiplier`, not both.")
+    if target_epsilon is not None:
+        _check_positive("target_epsilon", target_epsilon)
+    if noise_multiplier is not None:
+        _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    delta = _check_positive("target_delta", target_delta, allow_zero=True)
+    if not 0 < delta < 1:
+        raise ValueError(f"`target_delta` must lie in (0, 1), got {target_delta!r}.")
+    _check_positive("max_grad_norm", max_grad_norm)
+    rate = _check_positive("sample_rate", sample_rate, allow_zero=True)
+    if not 0 < rate <= 1:
+        raise ValueError(f"`sample_rate` must lie in (0, 1], got {sample_rate!r}.")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"Unknown accountant {accountant!r}; choose from {ACCOUNTANTS}.")
+
+
+def privacy_spent(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of ``steps`` DP-SGD steps at ``(noise_multiplier, sample_rate)``, by Opacus.
+
+    ``inf`` without noise (``noise_multiplier == 0``) and ``0`` before any step.
+
+    Parameters
+    ----------
+    noise_multiplier, sample_rate, steps
+        The mechanism and how often it ran.
+    delta
+        The delta at which epsilon is reported.
+    accountant
+        ``"rdp"`` or ``"prv"``.
+    """
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    require_opacus()
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=float(delta)))
+
+
+# -- vmap-compatible scVI -------------------------------------------------------------------------
+def _rsample_out_of_place(self, sample_shape=torch.Size()):  # noqa: B008 (torch's signature)
+    shape = self._extended_shape(sample_shape)
+    eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+    return self.loc + eps * self.scale
+
+
+@contextlib.contextmanager
+def vmap_compatible(module: torch.nn.Module):
+    """Make an scVI ``VAE`` traceable by ``torch.func.vmap`` with per-cell randomness.
+
+    Inside the block: torch distributions skip their (data-dependent) argument checks; a
+    :class:`torch.distributions.Normal` draws its reparameterisation noise out of place
+    (``torch.randn``), so ``randomness="different"`` gives every cell its own latent sample
+    (torch's in-place ``normal_`` on an unbatched tensor cannot); ``one_hot`` with a known
+    number of classes becomes a comparison with ``arange`` (scvi-tools' batch and label
+    covariates), because ``torch.nn.functional.one_hot`` checks its input's range on the data.
+    Everything is restored on exit. Not thread-safe: it patches module-level names.
+    """
+    original_one_hot = torch.nn.functional.one_hot
+
+    def one_hot(tensor: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+        if num_classes < 0:
+            return original_one_hot(tensor, num_classes)
+        classes = torch.arange(num_classes, device=tensor.device)
+        return (tensor.unsqueeze(-1) == classes).to(torch.int64)
+
+    names = {type(module).__module__, "scvi.module._vae", "scvi.nn._base_components"}
+    patched = [
+        sys.modules[name]
+        for name in names
+        if name in sys.modules and getattr(sys.modules[name], "one_hot", None) is original_one_hot
+    ]
+    validate = torch.distributions.Distribution._validate_args
+    rsample = torch.distributions.Normal.rsample
+    torch.distributions.Distribution.set_default_validate_args(False)
+    torch.distributions.Normal.rsample = _rsample_out_of_place
+    torch.nn.functional.one_hot = one_hot
+    for mod in patched:
+        mod.one_hot = one_hot
+    try:
+        yield module
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+        torch.distributions.Normal.rsample = rsample
+        torch.nn.functional.one_hot = original_one_hot
+        for mod in patched:
+            mod.one_hot = original_one_hot
+
+
+class _CellLoss(torch.nn.Module):
+    """A batch's loss (one cell under ``vmap``) as a module for ``functional_call``."""
+
+    def __init__(self, vae: torch.nn.Module, posterior_mean: bool):
+        super().__init__()
+        self.vae = vae
+        self.posterior_mean = posterior_mean
+
+    def forward(self, tensors: Tensors, kl_weight) -> torch.Tensor:
+        if self.posterior_mean:
+            terms = per_cell_loss_terms(self.vae, tensors)
+            return (terms["reconstruction_nll"] + kl_weight * terms["kl_z"]).mean()
+        # scVI's own training loss: sampled z, dropout, ``VAE.loss`` (the batch mean).
+        _, _, loss_output = self.vae(tensors, loss_kwargs={"kl_weight": kl_weight})
+        return loss_output.loss
+
+
+# -- Poisson sampling -----------------------------------------------------------------------------
+class PoissonDataSplitter(DataSplitter):
+    """scvi-tools' :class:`~scvi.dataloaders.DataSplitter` with Poisson-sampled training batches.
+
+    Validation and test loaders are scvi-tools' own. The training loader draws each batch with
+    Opacus' ``UniformWithReplacementSampler``: every training cell joins independently with
+    probability ``sample_rate`` (batches vary in size, may be empty), ``steps_per_epoch``
+    batches an epoch, drawn from a generator seeded with ``seed``. Batches are fetched from
+    scvi-tools' AnnData dataset in one indexing call, as its ``AnnDataLoader`` does.
+
+    Parameters
+    ----------
+    adata_manager
+        The model's AnnData manager.
+    external_indexing
+        ``[train, validation, test]`` positions (see :func:`from_model`).
+    sample_rate
+        Inclusion probability of each training cell in each batch.
+    steps_per_epoch
+        Batches per epoch.
+    seed
+        Seed of the sampler's generator.
+    **kwargs
+        Passed to :class:`~scvi.dataloaders.DataSplitter` (``batch_size`` of validation).
+    """
+
+    def __init__(
+        self,
+        adata_manager,
+        external_indexing: list[np.ndarray],
+        *,
+        sample_rate: float,
+        steps_per_epoch: int,
+        seed: int = 0,
+        **kwargs: Any,
+    ):
+        super().__init__(adata_manager, external_indexing=external_indexing, **kwargs)
+        self.sample_rate = float(sample_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: SCVI,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray | None,
+        *,
+        sample_rate: float,
+        steps_per_epoch: int,
+        seed: int = 0,
+        batch_size: int = 128,
+    ) -> PoissonDataSplitter:
+        """The splitter over ``model``'s AnnData with fixed cells (via ``make_data_splitter``)."""
+        base = make_data_splitter(model, train_idx, val_idx, batch_size=batch_size)
+        return cls(
+            model.adata_manager,
+            base.external_indexing,
+            sample_rate=sample_rate,
+            steps_per_epoch=steps_per_epoch,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Poisson batches of the training cells (one generator across epochs)."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        dataset = self.adata_manager.create_torch_dataset(
+            indices=self.train_idx, load_sparse_tensor=self.load_sparse_tensor
+        )
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(self.train_idx),
+            sample_rate=self.sample_rate,
+            generator=self._generator,
+            steps=self.steps_per_epoch,
+        )
+        # batch_size=None: the sampler yields whole batches, fetched with one __getitem__.
+        return DataLoader(
+            dataset, sampler=sampler, batch_size=None, pin_memory=self.pin_memory, num_workers=0
+        )
+
+
+# -- the plan -------------------------------------------------------------------------------------
+class DPTrainingPlan(TrainingPlan):
+    """scVI's :class:`~scvi.train.TrainingPlan` trained with DP-SGD (manual optimisation).
+
+    Each training step privatises the gradient of the batch's per-cell losses (see the
+    module docstring): per-cell gradients by ``torch.func.vmap`` over ``grad`` of a
+    ``functional_call`` of the ``VAE`` on one cell, flat L2 clipping to ``max_grad_norm``,
+    their sum plus ``noise_multiplier * max_grad_norm * N(0, I)`` divided by the expected batch
+    size ``sample_rate * n_train``, then scVI's optimizer (Adam) steps and the accountant
+    records one step of ``(noise_multiplier, sample_rate)``.
+
+    The per-cell loss (``per_cell_loss``):
+
+    - ``"elbo"`` (default): scVI's own training loss for one cell, ``VAE.loss`` on a batch of
+      that cell (reconstruction at a sampled ``z`` plus ``kl_weight`` times the KL, dropout on),
+      each cell with its own latent sample and dropout mask (``randomness="different"``). It
+      is the loss scVI trains, so a DP model is an scVI model trained by a noisier optimiser:
+      the encoder's variance keeps learning through the reconstruction term.
+    - ``"posterior_mean"``: the deterministic loss of
+      :func:`~scvi_unlearn.module.per_cell_loss_terms` (reconstruction at the posterior mean
+      plus ``kl_weight`` times the KL), lower-variance but blind to the encoder's variance
+      (which then only feels the KL); for checks and experiments.
+
+    Nothing about the training cells is logged: a training loss in the history would be a
+    release outside the privacy guarantee. Validation metrics are scVI's, on the validation
+    cells, which the guarantee does not cover (they are not trained on; use ``train_size=1.0``
+    when they must stay private too). ``kl_weight`` follows scVI's warm-up (data-independent).
+    Only the training steps are private: what the model computes from the data outside them
+    (with ``use_observed_lib_size=False``, scVI's library-size prior from all cells; the gene
+    and category names of the registry) is not covered. One device only.
+
+    Parameters
+    ----------
+    module
+        An scVI ``VAE`` without batch norm (updated in place).
+    noise_multiplier
+        Standard deviation of the Gaussian noise in units of ``max_grad_norm``.
+    max_grad_norm
+        Per-cell clipping norm ``C``.
+    sample_rate
+        Poisson inclusion probability of each training cell.
+    n_train
+        Number of training cells (expected batch size ``sample_rate * n_train``).
+    accountant
+        Opacus accountant, ``"rdp"`` or ``"prv"``.
+    seed
+        Seed of the Gaussian noise (drawn on the training device).
+    per_cell_loss
+        ``"elbo"`` or ``"posterior_mean"``, see above.
+    chunk_size
+        Cells per ``vmap`` call (memory: ``chunk_size`` copies of the gradients).
+    record_norms
+        Keep every step's per-cell gradient norms before and after clipping
+        (``norms_``; for tests and diagnostics; these are not private).
+    **plan_kwargs
+        Passed to :class:`scvi.train.TrainingPlan` (``lr``, ``weight_decay``,
+        ``n_epochs_kl_warmup``, ...).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        n_train: int,
+        accountant: str = "rdp",
+        seed: int = 0,
+        per_cell_loss: str = "elbo",
+        chunk_size: int = 64,
+        record_norms: bool = False,
+        **plan_kwargs: Any,
+    ):
+        require_opacus()
+        from opacus.accountants import create_accountant
+
+        check_no_batch_norm(module)
+        check_privacy_arguments(
+            target_epsilon=None,
+            target_delta=0.5,  # checked where it is used (train_dp)
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            sample_rate=sample_rate,
+            accountant=accountant,
+        )
+        if per_cell_loss not in PER_CELL_LOSSES:
+            raise ValueError(
+                f"Unknown per_cell_loss {per_cell_loss!r}; choose from {PER_CELL_LOSSES}."
+            )
+        if int(n_train) < 1 or int(chunk_size) < 1:
+            raise ValueError("`n_train` and `chunk_size` must be positive integers.")
+        super().__init__(module, **plan_kwargs)
+        self.automatic_optimization = False
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.sample_rate = float(sample_rate)
+        self.n_train = int(n_train)
+        self.expected_batch_size = self.sample_rate * self.n_train
+        self.accountant_name = accountant
+        self.accountant = create_accountant(mechanism=accountant)
+        self.seed = int(seed)
+        self.per_cell_loss = per_cell_loss
+        self.chunk_size = int(chunk_size)
+        self.record_norms = bool(record_norms)
+        #: Per step, ``(raw, clipped)`` per-cell gradient norms (with ``record_norms``).
+        self.norms_: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: Optimizer steps taken (each one accounted).
+        self.steps_ = 0
+        #: Cells in each step's Poisson batch (not private; never logged).
+        self.batch_sizes_: list[int] = []
+        self._noise_generator: torch.Generator | None = None
+
+    # -- privacy -------------------------------------------------------------------------------
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (Opacus accountant; ``inf`` without noise)."""
+        if self.steps_ == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=float(delta)))
+
+    def on_fit_start(self) -> None:
+        """Train mode, and the noise generator seeded on the training device.
+
+        Raises
+        ------
+        RuntimeError
+            On more than one device: every process would draw its own Poisson batches and
+            noise, and the accounting would not hold.
+        """
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                "DP-SGD training runs on one device (`devices=1`): several processes would each "
+                "draw their own Poisson batches and noise, which the accounting does not cover."
+            )
+        self.module.train()
+        if self._noise_generator is None:
+            self._noise_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    # -- per-cell gradients ----------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def per_cell_gradients(self, tensors: Tensors) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every cell's gradient of its loss (``[n_cells, *shape]`` per parameter) and losses.
+
+        One ``vmap`` call over all of ``tensors``; :meth:`clipped_gradient_sum` chunks.
+        """
+        wrapper = _CellLoss(self.module, self.per_cell_loss == "posterior_mean")
+        params = {f"vae.{k}": v.detach() for k, v in self._trainable().items()}
+        kl_weight = self.kl_weight if "kl_weight" in self.loss_kwargs else 1.0
+
+        def cell_loss(p: dict[str, torch.Tensor], cell: Tensors) -> torch.Tensor:
+            one = {k: v.unsqueeze(0) for k, v in cell.items()}
+            return functional_call(wrapper, p, (one, kl_weight))
+
+        fn = vmap(grad_and_value(cell_loss), in_dims=(None, 0), randomness="different")
+        with vmap_compatible(self.module):
+            grads, losses = fn(params, tensors)
+        return {k[len("vae.") :]: g for k, g in grads.items()}, losses
+
+    def clipped_gradient_sum(
+        self, batch: Tensors
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Sum over cells of the clipped per-cell gradients, and the norms before / after.
+
+        Each cell's gradient ``g_i`` (all trainable parameters, one flat vector) is scaled by
+        ``min(1, C / (||g_i|| + 1e-6))``, Opacus' clipping rule.
+        """
+        params = self._trainable()
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        raw, clipped = [], []
+        for chunk in iter_chunks(batch, self.chunk_size):
+            grads, _ = self.per_cell_gradients(chunk)
+            norms = torch.sqrt(
+                sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
+            )
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for k, g in grads.items():
+                total[k] += torch.einsum("i,i...->...", factor, g)
+            raw.append(norms.detach())
+            clipped.append((norms * factor).detach())
+        empty = torch.zeros(0, device=self.device)
+        raw_norms = torch.cat(raw) if raw else empty
+        clipped_norms = torch.cat(clipped) if clipped else empty
+        return total, raw_norms, clipped_norms
+
+    @torch.no_grad()
+    def private_gradient(self, batch: Tensors) -> dict[str, torch.Tensor]:
+        """The DP-SGD gradient of a Poisson batch: (clipped sum + noise) / expected batch size."""
+        total, raw, clipped = self.clipped_gradient_sum(batch)
+        if self._noise_generator is None:
+            self._noise_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        std = self.noise_multiplier * self.max_grad_norm
+        out = {}
+        for k, s in total.items():
+            if std > 0:
+                noise = torch.randn(
+                    s.shape, generator=self._noise_generator, device=s.device, dtype=s.dtype
+                )
+                s = s + std * noise
+            out[k] = s / self.expected_batch_size
+        if self.record_norms:
+            self.norms_.append((raw.cpu(), clipped.cpu()))
+        self.batch_sizes_.append(int(raw.numel()))
+        return out
+
+    def training_step(self, batch: Tensors, batch_idx: int) -> None:
+        """One DP-SGD step on a Poisson batch (possibly empty: noise only)."""
+        if "kl_weight" in self.loss_kwargs:
+            self.loss_kwargs.update({"kl_weight": self.kl_weight})
+            self.log("kl_weight", self.kl_weight, on_step=True, on_epoch=False)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        grads = self.private_gradient(batch)
+        for name, p in self._trainable().items():
+            p.grad = grads[name]
+        optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_ += 1
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def train_dp(
+    model: SCVI,
+    *,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    max_grad_norm: float = 1.0,
+    noise_multiplier: float | None = None,
+    accountant: str = "rdp",
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    train_size: float = 0.9,
+    indices: IndexLike | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int | list[int] | str = 1,
+    enable_progress_bar: bool = True,
+    per_cell_loss: str = "elbo",
+    chunk_size: int = 64,
+    plan_kwargs: dict[str, Any] | None = None,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
+    """Train an scVI model with DP-SGD to a privacy budget; return the privacy summary.
+
+    The model is trained in place from its current weights (normally freshly initialised),
+    with scvi-tools' :class:`~scvi.train.TrainRunner`, which sets ``is_trained_``,
+    ``train_indices``, ``validation_indices``, ``test_indices``, ``history`` and ``trainer``
+    as ``model.train`` does. The summary is also stored as ``model.dp_privacy_`` (saved in
+    ``model.pt`` with the other ``*_`` attributes; :func:`save_privacy` writes it as JSON).
+
+    Parameters
+    ----------
+    model
+        A set-up scVI model built with ``use_batch_norm="none", use_layer_norm="both"``.
+    target_epsilon
+        Privacy budget: the noise multiplier is the smallest Opacus finds for
+        ``(target_epsilon, target_delta)`` over all planned steps. Give this or
+        ``noise_multiplier``.
+    target_delta
+        The delta of the guarantee; default ``1 / n_train`` (one over the number of training
+        cells). The usual advice is a delta well below ``1 / n_train``; pass one.
+    max_grad_norm
+        Per-cell clipping norm.
+    noise_multiplier
+        Noise standard deviation in units of ``max_grad_norm`` (instead of a target epsilon);
+        ``0`` trains without privacy (epsilon ``inf``), for comparisons.
+    accountant
+        ``"rdp"`` (Rényi DP, default) or ``"prv"`` (privacy random variables, tighter).
+    max_epochs
+        Epochs; default scvi-tools' heuristic for the number of cells, as ``model.train``.
+        An epoch is ``int(1 / sample_rate)`` Poisson batches.
+    batch_size
+        Expected batch size; ``sample_rate = min(1, batch_size / n_train)``.
+    lr
+        Adam's learning rate (scVI's optimizer and its other defaults).
+    train_size
+        Share of the cells to train on (the rest are validation cells), split with ``seed``.
+    indices
+        The cells to train on (positions, mask or obs names); overrides ``train_size``, no
+        validation cells, every other cell is a test cell.
+    seed
+        Seed of everything random: the split, the Poisson batches, the latent samples and
+        dropout, the noise. The same seed and weights give the same model on a device.
+    accelerator, devices, enable_progress_bar
+        Lightning's; one device only (see :class:`DPTrainingPlan`).
+    per_cell_loss
+        ``"elbo"`` (scVI's training loss, default) or ``"posterior_mean"``, see
+        :class:`DPTrainingPlan`.
+    chunk_size
+        Cells per ``vmap`` call.
+    plan_kwargs
+        Further :class:`DPTrainingPlan` / :class:`scvi.train.TrainingPlan` arguments
+        (``weight_decay``, ``n_epochs_kl_warmup``, ``record_norms``, ...).
+    **trainer_kwargs
+        Passed to the Lightning trainer through :class:`~scvi.train.TrainRunner`.
+
+    Returns
+    -------
+    Dict with ``epsilon`` (spent, at ``delta``), ``delta``, ``noise_multiplier``,
+    ``sample_rate``, ``expected_batch_size``, ``steps``, ``steps_per_epoch``, ``epochs``,
+    ``accountant``, ``max_grad_norm``, ``target_epsilon``, ``n_train``, ``per_cell_loss``,
+    ``privacy_unit`` (``"cell"``), ``opacus_version``, ``wall_seconds``.
+
+    Raises
+    ------
+    ImportError
+        Without Opacus (``pip install "scvi-unlearn[dp]"``).
+    ValueError
+        For batch norm in the model, or a missing or out-of-range privacy setting.
+
+    Examples
+    --------
+    >>> import scvi_unlearn as su
+    >>> adata = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=0)
+    >>> su.model.SCVI.setup_anndata(adata)
+    >>> model = su.model.SCVI(adata, n_latent=4, use_batch_norm="none", use_layer_norm="both")
+    >>> summary = su.train.train_dp(model, target_epsilon=8.0, max_epochs=2, batch_size=32,
+    ...                             accelerator="cpu", enable_progress_bar=False)
+    >>> summary["epsilon"] <= 8.0, summary["steps"], model.is_trained
+    (True, 6, True)
+    """
+    opacus = require_opacus()
+    check_no_batch_norm(model.module)
+    started = time.perf_counter()
+    seed = int(seed)
+    seed_everything(seed)
+    if indices is not None:
+        train_idx = as_cell_indices(model.adata, indices, "indices")
+        val_idx = np.zeros(0, np.int64)
+    else:
+        split = DataSplitter(model.adata_manager, train_size=train_size)
+        split.setup()  # a permutation seeded by scvi.settings.seed (= seed)
+        train_idx, val_idx = np.asarray(split.train_idx), np.asarray(split.val_idx)
+    n_train = int(train_idx.size)
+    if n_train < 1:
+        raise ValueError("No training cells.")
+    if int(batch_size) < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if max_epochs is None:
+        max_epochs = get_max_epochs_heuristic(model.adata.n_obs)
+    if int(max_epochs) < 1:
+        raise ValueError(f"`max_epochs` must be a positive integer, got {max_epochs!r}.")
+    max_epochs = int(max_epochs)
+    sample_rate = min(1.0, int(batch_size) / n_train)
+    delta = 1.0 / n_train if target_delta is None else target_delta
+    check_privacy_arguments(
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate,
+        accountant=accountant,
+    )
+    delta = float(delta)
+    steps_per_epoch = max(1, int(1 / sample_rate))  # Opacus' epoch of Poisson batches
+    planned_steps = max_epochs * steps_per_epoch
+    if noise_multiplier is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=float(target_epsilon),
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=planned_steps,
+            accountant=accountant,
+        )
+    kwargs = dict(plan_kwargs or {})
+    kwargs.setdefault("lr", lr)
+    plan = DPTrainingPlan(
+        model.module,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=sample_rate,
+        n_train=n_train,
+        accountant=accountant,
+        seed=seed,
+        per_cell_loss=per_cell_loss,
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+    splitter = PoissonDataSplitter.from_model(
+        model,
+        train_idx,
+        val_idx,
+        sample_rate=sample_rate,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        batch_size=int(batch_size),
+    )
+    run_plan(
+        model,
+        plan,
+        splitter,
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        enable_progress_bar=enable_progress_bar,
+        **trainer_kwargs,
+    )
+    summary = {
+        "epsilon": plan.epsilon(delta),
+        "delta": delta,
+        "noise_multiplier": float(noise_multiplier),
+        "sample_rate": float(sample_rate),
+        "expected_batch_size": float(plan.expected_batch_size),
+        "steps": int(plan.steps_),
+        "steps_per_epoch": int(steps_per_epoch),
+        "epochs": int(plan.current_epoch),
+        "accountant": accountant,
+        "max_grad_norm": float(max_grad_norm),
+        "target_epsilon": None if target_epsilon is None else float(target_epsilon),
+        "n_train": n_train,
+        "per_cell_loss": per_cell_loss,
+        "privacy_unit": "cell",
+        "mechanism": "DP-SGD: Poisson sampling, per-cell L2 clipping, Gaussian noise",
+        "opacus_version": str(opacus.__version__),
+        "wall_seconds": float(time.perf_counter() - started),
+    }
+    _record_training(model, plan, summary, max_epochs, batch_size, train_size, indices, lr)
+    return summary
+
+
+def _record_training(model, plan, summary, max_epochs, batch_size, train_size, indices, lr):
+    """What :meth:`scvi_unlearn.model.SCVI.train` records, plus the privacy summary."""
+    model.dp_privacy_ = summary
+    # The non-private equivalent recipe (shadow models and exact retraining follow it).
+    model.train_kwargs_ = {
+        "max_epochs": int(max_epochs),
+        "batch_size": int(batch_size),
+        "train_size": 1.0 if indices is not None else float(train_size),
+        "plan_kwargs": {"lr": float(lr)},
+    }
+    model.final_kl_weight_ = float(
+        _compute_kl_weight(
+            plan.current_epoch - 1,
+            plan.global_step - 1,
+            plan.n_epochs_kl_warmup,
+            plan.n_steps_kl_warmup,
+            plan.max_kl_weight,
+            plan.min_kl_weight,
+        )
+    )
+    model.train_obs_names_ = model.adata.obs_names[np.asarray(model.train_indices)].tolist()
+
+
+# -- persistence ----------------------------------------------------------------------------------
+def save_privacy(model, dir_path: str) -> str | None:
+    """Write ``model.dp_privacy_`` to ``dir_path/dp_privacy.json``; its path (None if none).
+
+    An infinite epsilon (no noise) is written as ``null``; :func:`load_privacy` restores it.
+
+    Parameters
+    ----------
+    model
+        A model trained by :func:`train_dp` (others have nothing to write).
+    dir_path
+        The folder the model was saved to.
+    """
+    summary = getattr(model, "dp_privacy_", None)
+    if not summary:
+        return None
+    path = os.path.join(dir_path, PRIVACY_FILE)
+    dump_json(summary, path)
+    return path
+
+
+def load_privacy(model, dir_path: str) -> dict[str, Any] | None:
+    """Read ``dir_path/dp_privacy.json`` into ``model.dp_privacy_`` (if the file exists).
+
+    Parameters
+    ----------
+    model
+        The model just loaded from ``dir_path``.
+    dir_path
+        Its folder.
+    """
+    path = os.path.join(dir_path, PRIVACY_FILE)
+    if not os.path.exists(path):
+        return getattr(model, "dp_privacy_", None)
+    with open(path) as handle:
+        summary = json.load(handle)
+    if summary.get("epsilon") is None and summary.get("noise_multiplier") == 0:
+        summary["epsilon"] = math.inf  # JSON has no infinity (to_jsonable wrote null)
+    model.dp_privacy_ = summary
+    return summary
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "PER_CELL_LOSSES",
+    "PRIVACY_FILE",
+    "DPTrainingPlan",
+    "PoissonDataSplitter",
+    "check_no_batch_norm",
+    "load_privacy",
+    "privacy_spent",
+    "require_opacus",
+    "save_privacy",
+    "train_dp",
+    "vmap_compatible",
+]
