@@ -47,7 +47,7 @@ def run_backend(name, executor, adata, recipe, n_shadows, seed):
             accelerator="cpu", progress_bar=False, keep_models=True, executor=executor,
         )  # fmt: skip
         wall = time.perf_counter() - start
-    workers = 1 if executor.backend == "local" and executor.n_workers == 1 else executor.n_workers
+    workers = executor.num_cpus_total if executor.backend == "ray" else executor.n_workers
     task_sum = float(np.sum(pool.train_seconds))
     overhead = (wall - task_sum / workers) * workers / n_shadows
     print(f"{name}: {wall:.0f} s wall, {task_sum:.0f} s of fits, overhead {overhead:.1f} s/task")

@@ -214,3 +214,33 @@ def test_unreachable_ray_address_is_a_clear_error():
     ex = su.Executor(backend="ray", address="127.0.0.1:1", progress_bar=False)
     with pytest.raises(ConnectionError, match="ray start --head"):
         ex.map(_square, [{"x": 1}], shared=0)
+
+
+# -- retrain seeds ------------------------------------------------------------------------------
+def test_retrain_models_on_a_process_pool_equal_sequential_retrains(tiny):
+    adata, recipe = tiny
+    model = recipe.fit(adata.copy(), accelerator="cpu", enable_progress_bar=False)
+    forget = np.arange(10)
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False}
+    seen = []
+    sequential = su.model.retrain_models(
+        model, forget, [0, 1], executor=su.Executor(threads_per_worker=1, progress_bar=False),
+        on_model=lambda seed, m, s: seen.append((seed, s > 0)), **quiet,
+    )  # fmt: skip
+    pooled = su.model.retrain_models(
+        model, forget, [0, 1], executor=su.Executor(n_workers=2, threads_per_worker=1,
+                                                    progress_bar=False), **quiet,
+    )  # fmt: skip
+    assert sorted(seen) == [(0, True), (1, True)]
+    for a, b in zip(sequential, pooled):
+        assert isinstance(b, su.model.SCVI)
+        assert not np.isin(forget, b.train_indices).any()
+        assert b.provenance["events"][-1]["method"] == "retrain"
+        sa, sb = a.module.state_dict(), b.module.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    first, second = (m.module.state_dict() for m in sequential)
+    assert not all(torch.equal(first[k], second[k]) for k in first)  # seeds differ
+    with pytest.raises(ValueError, match="exact method"):
+        su.model.retrain_models(model, forget, [0], method="fisher")
+    with pytest.raises(ValueError, match="Seeds repeat"):
+        su.model.retrain_models(model, forget, [0, 0])

@@ -1,0 +1,81 @@
+"""Exact retrains for a retrain band: one per seed, on any executor."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from scvi_unlearn._executor import get_default_executor
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from scvi_unlearn._executor import Executor
+    from scvi_unlearn.model._scvi import SCVI
+
+EXACT_METHODS = ("retrain", "retrain_fast")
+
+
+def retrain_models(
+    model: SCVI,
+    forget,
+    seeds: Iterable[int],
+    method: str = "retrain",
+    executor: Executor | None = None,
+    on_model: Callable[[int, SCVI, float], None] | None = None,
+    **unlearn_kwargs: Any,
+) -> list[SCVI]:
+    """Exact retrains of ``model`` without ``forget``, one per seed: a retrain band's models.
+
+    Each is ``model.unlearn(forget, method=method, seed=seed, **unlearn_kwargs)``; on a local
+    process pool or Ray the model travels to the workers once and each retrain comes back
+    whole (weights, cells, provenance), the same as in this process for the same seed and
+    torch threads per task.
+
+    Parameters
+    ----------
+    model
+        The trained model (never modified).
+    forget
+        The cells to leave out (positions, mask or obs names), as for ``unlearn``.
+    seeds
+        One retrain per seed; several form the band of :func:`scvi_unlearn.audit.reference_band`.
+    method
+        ``"retrain"`` (the recipe's full epochs) or ``"retrain_fast"``.
+    executor
+        Where they run; :func:`~scvi_unlearn.get_default_executor` by default.
+    on_model
+        ``on_model(seed, retrained, wall_seconds)`` in this process as each one is done (save
+        it there to resume a long run).
+    **unlearn_kwargs
+        Passed to ``unlearn`` (``accelerator``, ``enable_progress_bar``, ...).
+
+    Returns
+    -------
+    The retrained models, in the order of ``seeds``.
+    """
+    if method not in EXACT_METHODS:
+        raise ValueError(f"A retrain band needs an exact method {EXACT_METHODS}, got {method!r}.")
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"Seeds repeat ({seeds}): the same seed gives the same model.")
+    shared = {"model": model, "forget": forget, "method": method, "kwargs": unlearn_kwargs}
+
+    def deliver(i: int, result: dict) -> None:
+        if on_model is not None:
+            on_model(seeds[i], result["model"], result["seconds"])
+
+    results = (executor or get_default_executor()).map(
+        retrain_one, [{"seed": s} for s in seeds], shared=shared, on_result=deliver,
+        description="Retraining",
+    )  # fmt: skip
+    return [r["model"] for r in results]
+
+
+def retrain_one(shared: dict, seed: int) -> dict:
+    """One exact retrain (an :class:`~scvi_unlearn.Executor` task), with its wall time."""
+    start = time.perf_counter()
+    retrained = shared["model"].unlearn(
+        shared["forget"], method=shared["method"], seed=seed, **shared["kwargs"]
+    )
+    return {"model": retrained, "seconds": time.perf_counter() - start}
