@@ -19,7 +19,8 @@ Determinism: a task's result depends only on its arguments (seeds included) and 
 of torch threads, so the same seeds and ``threads_per_worker`` give bit-identical models on
 every backend (``tests/test_executor.py``). A task that raises, or whose worker dies, is
 retried up to ``max_retries`` times; after that the run stops with an error naming the task,
-and the results already handed back (cached) stay.
+and the results already handed back (cached) stay: in this process the task's own exception
+is raised again (with a note naming the task), from a pool or Ray a :class:`TaskFailedError`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ class Executor:
                     break
                 except Exception as err:
                     if attempt == self.max_retries:
-                        raise _failed(i, task, attempt + 1, err) from err
+                        # In this process the task's own exception is the clearest error.
+                        if hasattr(err, "add_note"):  # Python >= 3.11
+                            err.add_note(str(_failed(i, task, attempt + 1, err)))
+                        raise
                 finally:
                     torch.set_num_threads(previous)
             deliver(i, result)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
+import opacus  # noqa: F401  (in the test extra: a missing opacus fails, never skips)
 import pytest
 import scvi
 import torch
@@ -20,8 +22,6 @@ from scvi_unlearn.train._dp import (
     privacy_spent,
     save_privacy,
 )
-
-pytest.importorskip("opacus")
 
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
 LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
@@ -225,8 +225,9 @@ def test_missing_opacus_says_how_to_install(adata, monkeypatch):
 # -- persistence ----------------------------------------------------------------------------------
 def test_privacy_summary_survives_save_and_load(adata, tmp_path):
     model = fresh_model(adata)
-    summary = train_dp(model, noise_multiplier=1.0, max_epochs=1, batch_size=32, **QUIET)
+    summary = model.train_private(noise_multiplier=1.0, max_epochs=1, batch_size=32, **QUIET)
     model.save(str(tmp_path), overwrite=True)
+    assert json.loads((tmp_path / PRIVACY_FILE).read_text())["noise_multiplier"] == 1.0
     assert save_privacy(model, str(tmp_path)) == str(tmp_path / PRIVACY_FILE)
     loaded = su.model.SCVI.load(str(tmp_path), adata=adata)
     assert loaded.dp_privacy_ == summary  # model.pt keeps the ``*_`` attributes

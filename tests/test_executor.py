@@ -95,8 +95,12 @@ def test_sequential_map_keeps_order_and_reports_each_result():
 def test_sequential_retries_then_names_the_failed_task(tmp_path):
     ex = su.Executor(progress_bar=False, max_retries=1)
     assert ex.map(_fails_once, [{"marker": str(tmp_path / "m"), "x": 2}], shared=1) == [3]
-    with pytest.raises(su.TaskFailedError, match=r"Task 0 \{'x': 7\} failed after 2 attempt"):
+    with pytest.raises(ValueError, match="bad task 7") as info:  # the task's own error
         ex.map(_always_fails, [{"x": 7}])
+    assert "Task 0 {'x': 7} failed after 2 attempt(s)" in "".join(info.value.__notes__)
+    pool = su.Executor(n_workers=2, threads_per_worker=1, progress_bar=False, max_retries=0)
+    with pytest.raises(su.TaskFailedError, match=r"Task 0 \{'x': 5\} failed after 1 attempt"):
+        pool.map(_always_fails, [{"x": 5}])
 
 
 @pytest.mark.parametrize(

@@ -157,8 +157,9 @@ class ShadowPool:
         return int(self.in_mask.shape[0])
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(
-            path,
+        """Write all arrays to ``path`` (``.npz``), atomically (a killed run leaves no file)."""
+        _atomic_savez(
+            Path(path),
             features=self.features,
             in_mask=self.in_mask,
             pool=self.pool,
