@@ -13,7 +13,6 @@ import numpy as np
 import scvi
 from anndata import AnnData
 from scvi.model._utils import get_max_epochs_heuristic
-from scvi.train._trainingplans import _compute_kl_weight
 
 from scvi_unlearn._recipe import register_model_class
 from scvi_unlearn._utils import to_jsonable
@@ -21,6 +20,7 @@ from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._safe_load import check_safe_model_file
 from scvi_unlearn.train import train_dp
+from scvi_unlearn.train._common import last_kl_weight
 from scvi_unlearn.train._dp import load_privacy, save_privacy
 
 PROVENANCE_FILE = "unlearning_provenance.json"
@@ -55,18 +55,7 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
                 continue  # callbacks, loggers and other live objects are not part of a recipe
             recorded[key] = to_jsonable(value)
         self.train_kwargs_ = recorded
-        plan = self.trainer.lightning_module
-        # The weight of the last step: Lightning has advanced past the last epoch and step.
-        self.final_kl_weight_ = float(
-            _compute_kl_weight(
-                plan.current_epoch - 1,
-                plan.global_step - 1,
-                plan.n_epochs_kl_warmup,
-                plan.n_steps_kl_warmup,
-                plan.max_kl_weight,
-                plan.min_kl_weight,
-            )
-        )
+        self.final_kl_weight_ = last_kl_weight(self.trainer.lightning_module)
         # Names survive re-ordering or subsetting of the AnnData later (positions do not).
         self.train_obs_names_ = self.adata.obs_names[np.asarray(self.train_indices)].tolist()
         return result

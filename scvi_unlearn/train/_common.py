@@ -18,6 +18,7 @@ import torch
 from scvi import settings
 from scvi.dataloaders import DataSplitter
 from scvi.train import TrainingPlan, TrainRunner
+from scvi.train._trainingplans import _compute_kl_weight
 
 from scvi_unlearn.audit._metrics import auc_from_scores
 from scvi_unlearn.module import per_cell_loss_terms
@@ -270,6 +271,23 @@ def run_plan(
     )
     runner()
     return runner
+
+
+def last_kl_weight(plan: TrainingPlan) -> float:
+    """KL weight of a finished plan's last step (scvi-tools' own schedule).
+
+    Lightning has advanced past the last epoch and step when ``fit`` returns, hence the -1s.
+    """
+    return float(
+        _compute_kl_weight(
+            plan.current_epoch - 1,
+            plan.global_step - 1,
+            plan.n_epochs_kl_warmup,
+            plan.n_steps_kl_warmup,
+            plan.max_kl_weight,
+            plan.min_kl_weight,
+        )
+    )
 
 
 def logged_history(runner: TrainRunner) -> dict[str, list[float]]:

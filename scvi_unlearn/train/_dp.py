@@ -41,7 +41,6 @@ import torch
 from scvi.dataloaders import DataSplitter
 from scvi.model._utils import get_max_epochs_heuristic
 from scvi.train import TrainingPlan
-from scvi.train._trainingplans import _compute_kl_weight
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import DataLoader
 
@@ -50,6 +49,7 @@ from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.train._common import (
     iter_chunks,
+    last_kl_weight,
     make_data_splitter,
     run_plan,
     seed_everything,
@@ -795,16 +795,7 @@ def _record_training(model, plan, summary, max_epochs, batch_size, train_size, i
         "train_size": 1.0 if indices is not None else float(train_size),
         "plan_kwargs": {"lr": float(lr)},
     }
-    model.final_kl_weight_ = float(
-        _compute_kl_weight(
-            plan.current_epoch - 1,
-            plan.global_step - 1,
-            plan.n_epochs_kl_warmup,
-            plan.n_steps_kl_warmup,
-            plan.max_kl_weight,
-            plan.min_kl_weight,
-        )
-    )
+    model.final_kl_weight_ = last_kl_weight(plan)
     model.train_obs_names_ = model.adata.obs_names[np.asarray(model.train_indices)].tolist()
 
 
