@@ -237,3 +237,98 @@ def test_privacy_summary_survives_save_and_load(adata, tmp_path):
     loaded.dp_privacy_ = {**summary, "noise_multiplier": 0.0, "epsilon": float("inf")}
     save_privacy(loaded, str(tmp_path))
     assert load_privacy(loaded, str(tmp_path))["epsilon"] == float("inf")
+
+
+# -- ghost clipping -------------------------------------------------------------------------------
+def _covariate_model(dispersion: str, dropout_rate: float = 0.0):
+    data = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=0)  # not a copy: own registry
+    data.obs["batch"] = np.where(np.arange(data.n_obs) % 2, "a", "b")
+    su.model.SCVI.setup_anndata(data, batch_key="batch")
+    return fresh_model(data, dropout_rate=dropout_rate, dispersion=dispersion)
+
+
+def _plan(module, mode: str, per_cell_loss: str, max_grad_norm: float = 1.0):
+    return DPTrainingPlan(
+        module, noise_multiplier=0.0, max_grad_norm=max_grad_norm, sample_rate=1.0, n_train=24,
+        per_cell_loss=per_cell_loss, grad_sample_mode=mode, n_epochs_kl_warmup=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+def test_ghost_clipping_equals_vmap_clipping(dispersion):
+    """Same norms and clipped sum from hooks as from torch.func per-cell gradients."""
+    model = _covariate_model(dispersion)
+    module = model.module.train()
+    tensors = gather_tensors(model, np.arange(24))
+    norm = 100.0  # about the median raw norm here: some cells clipped, some not
+    ghost, raw_g, clip_g = _plan(module, "ghost", "posterior_mean", norm).clipped_gradient_sum(
+        tensors
+    )
+    ref, raw_v, clip_v = _plan(module, "vmap", "posterior_mean", norm).clipped_gradient_sum(
+        tensors
+    )
+    assert torch.allclose(raw_g, raw_v, rtol=1e-4)
+    assert bool((raw_v > norm).any()) and bool((raw_v < norm).any())
+    assert torch.allclose(clip_g, clip_v, rtol=1e-4)
+    assert set(ghost) == set(ref)
+    for name, g in ref.items():
+        scale = float(g.abs().max()) + 1e-6
+        assert torch.allclose(ghost[name], g, rtol=1e-4, atol=1e-5 * scale), name
+
+
+def test_ghost_clipping_of_the_sampled_elbo_matches_one_backward_per_cell():
+    """scVI's own loss (sampled z, dropout on): the same forward differentiated cell by cell."""
+    model = _covariate_model("gene", dropout_rate=0.2)
+    module = model.module.train()
+    plan = _plan(module, "ghost", "elbo", max_grad_norm=100.0)
+    tensors = gather_tensors(model, np.arange(24))
+    params = dict(module.named_parameters())
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    norms = []
+
+    def loss_and_reference(batch):
+        """The plan's forward, differentiated cell by cell before the clipper sees it."""
+        losses, px = plan.batch_losses(batch)
+        for i in range(losses.shape[0]):
+            grads = torch.autograd.grad(
+                losses[i], list(params.values()), retain_graph=True, allow_unused=True
+            )
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)
+            ]
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+            norms.append(norm)
+            for name, g in zip(params, grads):
+                expected[name] += min(1.0, 100.0 / (float(norm) + 1e-6)) * g
+        return losses, px
+
+    total, raw, _ = plan._ghost.clipped_sum(tensors, loss_and_reference, 100.0)
+    assert torch.allclose(raw, torch.stack(norms), rtol=1e-4)
+    assert bool((raw > 100.0).any()) and bool((raw < 100.0).any())
+    for name, g in expected.items():
+        scale = float(g.abs().max()) + 1e-6
+        assert torch.allclose(total[name], g, rtol=1e-4, atol=1e-5 * scale), name
+
+
+def test_ghost_clipping_refuses_layers_it_cannot_split(adata):
+    from scvi_unlearn.train._ghost import GhostClipper
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv1d(1, 1, 2))
+    with pytest.raises(ValueError, match="grad_sample_mode='vmap'"):
+        GhostClipper(module)
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        _plan(fresh_model(adata).module, "per-sample", "elbo")
+
+
+def test_ghost_and_vmap_training_agree_without_randomness(adata):
+    """A whole DP run (noise, Poisson batches) gives the same weights by either path."""
+    weights = []
+    for mode in ("ghost", "vmap"):
+        model = fresh_model(adata, dropout_rate=0.0)
+        train_dp(model, noise_multiplier=0.5, max_grad_norm=1.0, max_epochs=2, batch_size=32,
+                 per_cell_loss="posterior_mean", grad_sample_mode=mode, seed=3,
+                 **QUIET)  # fmt: skip
+        assert model.dp_privacy_["grad_sample_mode"] == mode
+        weights.append({k: v.clone() for k, v in model.module.state_dict().items()})
+    for name, w in weights[0].items():
+        assert torch.allclose(w, weights[1][name], rtol=1e-3, atol=1e-5), name

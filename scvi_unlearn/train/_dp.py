@@ -7,8 +7,10 @@ changes in the weights is bounded by the privacy budget ``(epsilon, delta)``. Ea
    ``sample_rate`` (Opacus' :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`
    over scvi-tools' own AnnData dataset, see :class:`PoissonDataSplitter`); a batch may be
    empty, which is then a noise-only step;
-2. computes every cell's gradient of its own negative ELBO with ``torch.func``
-   (``vmap(grad(functional_call(...)))``, chunk by chunk);
+2. computes every cell's gradient norm of its own negative ELBO: by default without the
+   gradients themselves (``grad_sample_mode="ghost"``: hooks and two backward passes of the
+   batch, :mod:`scvi_unlearn.train._ghost`), or every cell's gradient with ``torch.func``
+   (``"vmap"``: ``vmap(grad(functional_call(...)))``, chunk by chunk; the reference);
 3. clips each cell's gradient to L2 norm ``max_grad_norm`` (one flat norm over all trainable
    parameters), sums them, adds ``noise_multiplier * max_grad_norm * N(0, I)``, divides by the
    *expected* batch size ``sample_rate * n_train`` and takes scVI's Adam step;
@@ -47,13 +49,16 @@ from torch.utils.data import DataLoader
 from scvi_unlearn._utils import dump_json
 from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.module import per_cell_loss_terms
+from scvi_unlearn.module._loss import per_cell_loss_terms_and_likelihood
 from scvi_unlearn.train._common import (
     iter_chunks,
     last_kl_weight,
     make_data_splitter,
+    n_cells,
     run_plan,
     seed_everything,
 )
+from scvi_unlearn.train._ghost import GhostClipper
 
 if TYPE_CHECKING:
     from scvi.model import SCVI
@@ -65,6 +70,8 @@ if TYPE_CHECKING:
 ACCOUNTANTS = ("rdp", "prv")
 #: Per-cell losses :class:`DPTrainingPlan` can privatise.
 PER_CELL_LOSSES = ("elbo", "posterior_mean")
+#: How :class:`DPTrainingPlan` gets per-cell gradient norms: hooks (fast) or ``torch.func``.
+GRAD_SAMPLE_MODES = ("ghost", "vmap")
 #: File that :func:`save_privacy` writes beside a saved model.
 PRIVACY_FILE = "dp_privacy.json"
 _INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
@@ -364,8 +371,9 @@ class DPTrainingPlan(TrainingPlan):
     """scVI's :class:`~scvi.train.TrainingPlan` trained with DP-SGD (manual optimisation).
 
     Each training step privatises the gradient of the batch's per-cell losses (see the
-    module docstring): per-cell gradients by ``torch.func.vmap`` over ``grad`` of a
-    ``functional_call`` of the ``VAE`` on one cell, flat L2 clipping to ``max_grad_norm``,
+    module docstring): per-cell gradient norms from hooks (``grad_sample_mode="ghost"``) or
+    per-cell gradients by ``torch.func.vmap`` over ``grad`` of a ``functional_call`` of the
+    ``VAE`` on one cell (``"vmap"``), flat L2 clipping to ``max_grad_norm``,
     their sum plus ``noise_multiplier * max_grad_norm * N(0, I)`` divided by the expected batch
     size ``sample_rate * n_train``, then scVI's optimizer (Adam) steps and the accountant
     records one step of ``(noise_multiplier, sample_rate)``.
@@ -408,8 +416,14 @@ class DPTrainingPlan(TrainingPlan):
         Seed of the Gaussian noise (drawn on the training device).
     per_cell_loss
         ``"elbo"`` or ``"posterior_mean"``, see above.
+    grad_sample_mode
+        ``"ghost"`` (default): each cell's gradient norm from forward hooks and one backward
+        of the batch, then one backward of the clip-weighted losses gives the clipped sum
+        (:class:`~scvi_unlearn.train._ghost.GhostClipper`); no per-cell gradient is stored.
+        ``"vmap"``: every cell's gradient by ``torch.func`` (the reference; slower, memory
+        ``chunk_size`` gradient copies). Both give the same clipped sum to float tolerance.
     chunk_size
-        Cells per ``vmap`` call (memory: ``chunk_size`` copies of the gradients).
+        Cells per ``vmap`` call (``grad_sample_mode="vmap"``).
     record_norms
         Keep every step's per-cell gradient norms before and after clipping
         (``norms_``; for tests and diagnostics; these are not private).
@@ -429,6 +443,7 @@ class DPTrainingPlan(TrainingPlan):
         accountant: str = "rdp",
         seed: int = 0,
         per_cell_loss: str = "elbo",
+        grad_sample_mode: str = "ghost",
         chunk_size: int = 64,
         record_norms: bool = False,
         **plan_kwargs: Any,
@@ -449,6 +464,10 @@ class DPTrainingPlan(TrainingPlan):
             raise ValueError(
                 f"Unknown per_cell_loss {per_cell_loss!r}; choose from {PER_CELL_LOSSES}."
             )
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"Unknown grad_sample_mode {grad_sample_mode!r}; choose from {GRAD_SAMPLE_MODES}."
+            )
         if int(n_train) < 1 or int(chunk_size) < 1:
             raise ValueError("`n_train` and `chunk_size` must be positive integers.")
         super().__init__(module, **plan_kwargs)
@@ -462,6 +481,9 @@ class DPTrainingPlan(TrainingPlan):
         self.accountant = create_accountant(mechanism=accountant)
         self.seed = int(seed)
         self.per_cell_loss = per_cell_loss
+        self.grad_sample_mode = grad_sample_mode
+        # Built here so that an unsupported layer fails before training, not at its first step.
+        self._ghost = GhostClipper(module) if grad_sample_mode == "ghost" else None
         self.chunk_size = int(chunk_size)
         self.record_norms = bool(record_norms)
         #: Per step, ``(raw, clipped)`` per-cell gradient norms (with ``record_norms``).
@@ -521,6 +543,32 @@ class DPTrainingPlan(TrainingPlan):
             grads, losses = fn(params, tensors)
         return {k[len("vae.") :]: g for k, g in grads.items()}, losses
 
+    def batch_losses(self, batch: Tensors) -> tuple[torch.Tensor, Any]:
+        """Per-cell losses of a batch in one forward pass, and the count likelihood.
+
+        The same loss as :meth:`per_cell_gradients` computes cell by cell: ``"elbo"`` is scVI's
+        ``VAE.loss`` before its batch mean (each cell its own latent sample and dropout mask),
+        checked against that mean.
+        """
+        kl_weight = self.kl_weight if "kl_weight" in self.loss_kwargs else 1.0
+        if self.per_cell_loss == "posterior_mean":
+            terms, px = per_cell_loss_terms_and_likelihood(self.module, batch)
+            return terms["reconstruction_nll"] + kl_weight * terms["kl_z"], px
+        _, generative, loss_output = self.module(batch, loss_kwargs={"kl_weight": kl_weight})
+        kl = loss_output.kl_local
+        per_cell = (
+            sum(loss_output.reconstruction_loss.values())
+            + kl_weight * kl.get("kl_divergence_z", 0.0)
+            + kl.get("kl_divergence_l", 0.0)
+        )
+        if not torch.allclose(per_cell.mean(), loss_output.loss, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(
+                "This module's loss is not the mean of reconstruction + kl_weight * KL(z) + "
+                "KL(l) per cell, which ghost clipping assumes; train with "
+                "grad_sample_mode='vmap'."
+            )
+        return per_cell, generative.get("px")
+
     def clipped_gradient_sum(
         self, batch: Tensors
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -529,6 +577,12 @@ class DPTrainingPlan(TrainingPlan):
         Each cell's gradient ``g_i`` (all trainable parameters, one flat vector) is scaled by
         ``min(1, C / (||g_i|| + 1e-6))``, Opacus' clipping rule.
         """
+        if self._ghost is not None:
+            if n_cells(batch) == 0:  # an empty Poisson batch: a noise-only step
+                empty = torch.zeros(0, device=self.device)
+                zeros = {k: torch.zeros_like(p) for k, p in self._ghost.params.items()}
+                return zeros, empty, empty
+            return self._ghost.clipped_sum(batch, self.batch_losses, self.max_grad_norm)
         params = self._trainable()
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         raw, clipped = [], []
@@ -601,6 +655,7 @@ def train_dp(
     devices: int | list[int] | str = 1,
     enable_progress_bar: bool = True,
     per_cell_loss: str = "elbo",
+    grad_sample_mode: str = "ghost",
     chunk_size: int = 64,
     plan_kwargs: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
@@ -651,8 +706,11 @@ def train_dp(
     per_cell_loss
         ``"elbo"`` (scVI's training loss, default) or ``"posterior_mean"``, see
         :class:`DPTrainingPlan`.
+    grad_sample_mode
+        ``"ghost"`` (default, hooks: per-cell norms without per-cell gradients) or ``"vmap"``
+        (``torch.func``, the reference), see :class:`DPTrainingPlan`.
     chunk_size
-        Cells per ``vmap`` call.
+        Cells per ``vmap`` call (``"vmap"`` only).
     plan_kwargs
         Further :class:`DPTrainingPlan` / :class:`scvi.train.TrainingPlan` arguments
         (``weight_decay``, ``n_epochs_kl_warmup``, ``record_norms``, ...).
@@ -740,6 +798,7 @@ def train_dp(
         accountant=accountant,
         seed=seed,
         per_cell_loss=per_cell_loss,
+        grad_sample_mode=grad_sample_mode,
         chunk_size=chunk_size,
         **kwargs,
     )
@@ -776,6 +835,7 @@ def train_dp(
         "target_epsilon": None if target_epsilon is None else float(target_epsilon),
         "n_train": n_train,
         "per_cell_loss": per_cell_loss,
+        "grad_sample_mode": grad_sample_mode,
         "privacy_unit": "cell",
         "mechanism": "DP-SGD: Poisson sampling, per-cell L2 clipping, Gaussian noise",
         "opacus_version": str(opacus.__version__),
@@ -843,6 +903,7 @@ def load_privacy(model, dir_path: str) -> dict[str, Any] | None:
 
 __all__ = [
     "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES",
     "PER_CELL_LOSSES",
     "PRIVACY_FILE",
     "DPTrainingPlan",
