@@ -71,6 +71,46 @@ def test_retrain_fast_budget_and_max_epochs(forget_case):
         model.unlearn(forget, method="retrain_fast", budget=0.0)
 
 
+def test_retrain_fast_warm_start_from_a_model_that_never_saw_the_forget_cells(
+    forget_case, tmp_path, monkeypatch
+):
+    model, forget, adata = forget_case["model"], forget_case["forget"], forget_case["adata"]
+    retained = np.setdiff1d(forget_case["train"], forget)
+    recipe = su.Recipe.from_model(model)
+    recipe.train_kwargs["max_epochs"] = 3
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False}
+    never_saw = recipe.fit_cells(adata, retained[:40], seed=2, **quiet)
+    never_saw.save(str(tmp_path / "never_saw"))
+    start = {}
+    original_run_plan = methods_module.run_plan
+
+    def spy(fresh, plan, splitter, *args, **kwargs):
+        start.update({k: v.clone() for k, v in fresh.module.state_dict().items()})
+        return original_run_plan(fresh, plan, splitter, *args, **kwargs)
+
+    monkeypatch.setattr(methods_module, "run_plan", spy)
+    out = model.unlearn(forget, method="retrain_fast", budget=0.05, seed=1,
+                        init_from=str(tmp_path / "never_saw"), **quiet)  # fmt: skip
+    for name, weight in never_saw.module.state_dict().items():
+        assert torch.equal(start[name], weight), name  # training started from its weights
+    metrics = out.provenance["events"][-1]["metrics"]
+    assert metrics["init_from"] == str(tmp_path / "never_saw")
+    assert metrics["init_checked_disjoint"] and metrics["init_n_cells_seen"] == 40
+    assert out.provenance["events"][-1]["method"] == "retrain_fast"
+
+    # The original model saw the forget cells: refused, with the count.
+    model.save(str(tmp_path / "original"))
+    with pytest.raises(ValueError, match="saw 30 cells that must be forgotten"):
+        model.unlearn(forget, method="retrain_fast", init_from=str(tmp_path / "original"))
+    # A model that does not say which cells it trained on proves nothing.
+    del never_saw.train_obs_names_
+    never_saw.save(str(tmp_path / "unknown"))
+    with pytest.raises(ValueError, match="does not record its training cells"):
+        model.unlearn(forget, method="retrain_fast", init_from=str(tmp_path / "unknown"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.unlearn(forget, method="retrain_fast", init_from=str(tmp_path / "missing"))
+
+
 def test_reset_masks_reset_the_intended_share_of_each_tensor(small_model):
     module = su.model.clone_model(small_model).module
     gen = torch.Generator().manual_seed(0)

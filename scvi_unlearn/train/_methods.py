@@ -544,6 +544,7 @@ def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
     plan_kwargs.pop("lr", None)
     data, train_pos, val_pos = _retained_data(run)
     fresh = recipe.build(data, seed=run.seed, model_cls=type(run.model))
+    warm = _warm_start(run, hp["init_from"], data, fresh) if hp["init_from"] else {}
     batch_size = int(recipe.train_kwargs.get("batch_size") or hp["batch_size"])
     splitter = make_data_splitter(fresh, train_pos, val_pos, batch_size=batch_size)
     plan = FastRetrainPlan(fresh.module, peak_lr=peak_lr, pct_start=hp["pct_start"], **plan_kwargs)
@@ -574,7 +575,65 @@ def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
         "early_stopping": bool(stopping),
         "n_train": int(run.retain.size),
         "n_validation": int(val_pos.size),
+        **warm,
     }
+
+
+_EXACT_METHODS = ("retrain", "retrain_fast")
+
+
+def cells_ever_seen(model) -> set[str] | None:
+    """Names of every cell whose data reached ``model``'s weights, or None if unknown.
+
+    Its training cells, plus the cells an approximate unlearning removed from it (their
+    influence may remain; an exact method's forgotten cells never reached its new weights).
+    """
+    names = getattr(model, "train_obs_names_", None)
+    if names is None:
+        return None
+    seen = set(names)
+    for event in (getattr(model, "unlearning_provenance_", None) or {}).get("events", []):
+        accepted = (event.get("metrics") or {}).get("accepted_method")
+        if event.get("method") not in _EXACT_METHODS and accepted not in _EXACT_METHODS:
+            seen.update(event.get("forgotten_obs_names", []))
+    return seen
+
+
+def _warm_start(run: UnlearningRun, path: str, data, fresh) -> dict[str, Any]:
+    """Load a saved model that never saw a forgotten cell into ``fresh``; what was checked.
+
+    Exactness needs the starting weights to be independent of every forgotten cell: the model
+    at ``path`` must name its training cells (``train_obs_names_``, written by this package's
+    ``train``) and none of them (nor any cell an approximate unlearning removed from it) may be
+    in this request's forget set or among the cells forgotten earlier from this model.
+    """
+    start = type(run.model).load(path, adata=data.copy())  # gene / registry mismatch raises
+    seen = cells_ever_seen(start)
+    if seen is None:
+        raise ValueError(
+            f"The warm-start model at {path!r} does not record its training cells "
+            "(`train_obs_names_`), so nothing shows that it never saw the forget cells. Train "
+            "it with scvi_unlearn.model.SCVI (which records them) or drop `init_from`."
+        )
+    names = run.model.adata.obs_names
+    provenance = getattr(run.model, "unlearning_provenance_", None) or {}
+    forbidden = set(names[run.forget]) | set(provenance.get("forgotten_obs_names", []))
+    overlap = sorted(seen & forbidden)
+    if overlap:
+        raise ValueError(
+            f"The warm-start model at {path!r} saw {len(overlap)} cells that must be forgotten "
+            f"(e.g. {overlap[:5]}); starting from it would not be exact unlearning. Use a "
+            "model trained without them, or drop `init_from` (fresh weights)."
+        )
+    target, source = fresh.module.state_dict(), start.module.state_dict()
+    mismatched = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    if mismatched or set(source) - set(target):
+        raise ValueError(
+            f"The warm-start model at {path!r} has another architecture than this model's "
+            f"recipe (differing weights: {(mismatched or sorted(set(source) - set(target)))[:5]})."
+        )
+    fresh.module.load_state_dict(source)
+    return {"init_from": str(path), "init_n_cells_seen": len(seen), "init_checked_disjoint": True}
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -746,6 +805,12 @@ METHODS: dict[str, MethodSpec] = {
             "pct_start": Param(kind="float", low=0, high=1, low_open=True, high_open=True),
             "early_stopping": Param(True, "bool", doc="on the retained validation ELBO"),
             "batch_size": Param(128, "int", low=1, doc="used when the recipe names none"),
+            "init_from": Param(
+                None,
+                "str",
+                allow_none=True,
+                doc="saved model that never saw the forget cells: warm start (checked)",
+            ),
         },
         needs_nonmembers=False,
         default_max_epochs=0,
