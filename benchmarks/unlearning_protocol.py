@@ -36,6 +36,10 @@ Protocol (written before running; docs/methods.md: protocol, success):
   in at least 2 of 3 seeds and faster than a full retrain, measured in the same run.
 - Relearning check: each row that is "forgotten" is fine-tuned for ``RELEARN_EPOCHS`` epochs on
   the retained cells and audited again; the forget cells must not come back.
+- Resuming: the target, the retrains and every method row's model are saved with their wall
+  time under ``<cache>/protocol_models`` and ``<cache>/retrains`` and loaded on a rerun (same
+  seeds give the same models), so a run of hours (Kang) can be completed over several
+  sittings; the times in the tables are those measured when each model was trained.
 
 Run::
 
@@ -46,6 +50,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -103,8 +108,9 @@ def pair_of_splits(adata, dataset: str, forget_type: str, seed: int):
     )
 
 
-def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
-    rep, dev_split = pair_of_splits(adata, dataset, forget_type, args.seed)
+def cell_sets(adata, dataset: str, forget_type: str, seed: int) -> argparse.Namespace:
+    """The target's training cells, the reporting and development sets, the backgrounds."""
+    rep, dev_split = pair_of_splits(adata, dataset, forget_type, seed)
     # One target for both sets: the reporting split's training cells minus the development
     # population's held-out half. Development members are its cells the target trains on,
     # its non-members all its cells the target never sees.
@@ -116,11 +122,12 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     )
     populations = np.concatenate([rep.forget, rep.nonmember, dev_population])
     background = np.setdiff1d(np.setdiff1d(np.arange(adata.n_obs), train), populations)
-    bg_rep, bg_dev = su.data.validation_split(background, 0.5, seed=args.seed)
-    print(f"\n=== {dataset} / {forget_type} / {args.target}")
-    print(f"reporting: {rep.forget.size} forget vs {rep.nonmember.size} non-members")
-    print(f"development: {dev.forget.size} forget vs {dev.nonmember.size} non-members")
-    quiet = {"enable_progress_bar": False, "accelerator": "cpu"}
+    bg_rep, bg_dev = su.data.validation_split(background, 0.5, seed=seed)
+    return argparse.Namespace(rep=rep, dev=dev, train=train, bg_rep=bg_rep, bg_dev=bg_dev)
+
+
+def fit_target(adata, train, args, **quiet):
+    """The protocol's target on ``train`` (``--target``), and its wall time."""
     model_kwargs = TARGET if args.target == "memorising" else {}
     train_kwargs = {"train_size": 1.0}
     if args.target == "memorising":
@@ -128,8 +135,39 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     recipe = su.Recipe(model_kwargs=model_kwargs, train_kwargs=train_kwargs)
     t0 = time.perf_counter()
     target = recipe.fit_cells(adata, train, seed=args.seed, **quiet)
-    target_s = time.perf_counter() - t0
+    return target, time.perf_counter() - t0
+
+
+def cached_model(folder: Path, adata, fit):
+    """``fit()`` once: its model and wall time are saved in ``folder`` and loaded afterwards.
+
+    Same seeds give the same models (``Recipe.fit_cells``, ``unlearn``), so a cached model is
+    the one a rerun would train; a long run (Kang: hours) resumes across interruptions.
+    Returns the model and the wall time it took when it was trained.
+    """
+    if (folder / "wall_s.json").exists():
+        model = su.model.SCVI.load(str(folder), adata=adata)
+        return model, json.loads((folder / "wall_s.json").read_text())["wall_s"]
+    t0 = time.perf_counter()
+    model = fit()
+    seconds = time.perf_counter() - t0
+    model.save(str(folder), overwrite=True)
+    (folder / "wall_s.json").write_text(json.dumps({"wall_s": seconds}))
+    return model, seconds
+
+
+def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
+    sets = cell_sets(adata, dataset, forget_type, args.seed)
+    rep, dev, train, bg_rep, bg_dev = sets.rep, sets.dev, sets.train, sets.bg_rep, sets.bg_dev
+    print(f"\n=== {dataset} / {forget_type} / {args.target}")
+    print(f"reporting: {rep.forget.size} forget vs {rep.nonmember.size} non-members")
+    print(f"development: {dev.forget.size} forget vs {dev.nonmember.size} non-members")
+    quiet = {"enable_progress_bar": False, "accelerator": "cpu"}
     cache = Path(args.cache_dir)
+    models = cache / "protocol_models" / f"{dataset}_{forget_type}_{args.target}_{args.seed}"
+    target, target_s = cached_model(
+        models / "target", adata, lambda: fit_target(adata, train, args, **quiet)[0]
+    )
     refs_dir = str(cache / "method_references")
     mi = su.MembershipInference(
         adata, recipe=target, n_shadows=args.n_shadows, seed=args.seed, cache_dir=cache,
@@ -248,16 +286,16 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         if name in USES_REFERENCES:
             hp["reference_cache_dir"] = refs_dir
         for s in range(args.method_seeds):
-            t0 = time.perf_counter()
             try:
-                m = target.unlearn(
-                    rep.forget, method=method, nonmembers=rep.nonmember, seed=s, **quiet, **hp
-                )
+                request = functools.partial(
+                    target.unlearn, rep.forget, method=method, nonmembers=rep.nonmember, seed=s,
+                    **quiet, **hp,
+                )  # fmt: skip
+                m, seconds = cached_model(models / f"{name}_seed{s}", adata, request)
             except Exception as exc:  # a method that crashes is a result too
                 rows.append({"dataset": dataset, "forget": forget_type, "method": name,
                              "seed": s, "error": repr(exc)})  # fmt: skip
                 continue
-            seconds = time.perf_counter() - t0
             members, nonmembers, row_band = rep.forget, rep.nonmember, band
             metrics = m.provenance["events"][-1]["metrics"]
             if metrics.get("forget_val_names"):  # selected on some reporting cells: not those
