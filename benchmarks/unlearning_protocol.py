@@ -394,14 +394,22 @@ def report(out: Path) -> None:
                 + ("" if part.powered.all() else " underpowered"),
                 "accepted": ", ".join(sorted({str(a) for a in part.get("accepted_method", [])
                                               if a and a == a})) or "",
-                "relearn AUC": "" if "relearn_auc" not in part or part.relearn_auc.isna().all()
-                else f"{part.relearn_auc.mean():.3f}",
+                "relearn AUC": _relearn_text(part),
             })  # fmt: skip
     table = pd.DataFrame(summary)
     lines += ["", "## All rows", "", markdown_table(table)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(cells, indent=2, default=str))
     print("\n".join(lines))
+
+
+def _relearn_text(part: pd.DataFrame) -> str:
+    """Mean AUC after relearning, and how many of the checked seeds leak again."""
+    if "relearn_auc" not in part or part.relearn_auc.isna().all():
+        return ""
+    checked = part[part.relearn_auc.notna()]
+    leaks = int((checked.relearn_verdict == su.audit.LEAK).sum())
+    return f"{checked.relearn_auc.mean():.3f} (leak {leaks}/{len(checked)})"
 
 
 def _success(name: str, part: pd.DataFrame, n_forgotten: int) -> str:
