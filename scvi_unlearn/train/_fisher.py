@@ -195,13 +195,8 @@ class _HookedLayers:
                     self._add_other_squares(per_cell, total)
         seen: set[torch.nn.Module] = set()
         for (layer, a, _), g in zip(records, grads):
-            if layer in seen:
-                # The squares of a sum of two uses are not the sum of their squares.
-                raise RuntimeError(
-                    f"Layer {self.layers[layer] or type(layer).__name__} ran twice in one "
-                    "forward pass; the hook Fisher cannot split its per-cell gradients."
-                )
-            seen.add(layer)
+            # The squares of a sum of two uses are not the sum of their squares.
+            refuse_reuse(layer, seen, self.layers[layer], "Use method='functional'.")
             if g is None:  # the layer's output does not reach the loss
                 continue
             _add_layer_squares(layer, self.layers[layer], a, g.detach(), total)
@@ -218,16 +213,10 @@ class _HookedLayers:
         the per-cell gradients must sum to the batch gradient, else (a parameter reached
         another way) returns False and the general path runs.
         """
-        theta = getattr(px, "theta", None)
-        if theta is None or not theta.requires_grad:
+        found = likelihood_theta_gradient(px, x)
+        if found is None:
             return False
-        theta_cells = theta.expand_as(x)  # in the graph: row i is cell i's dispersion
-        leaf = theta_cells.detach().clone().requires_grad_(True)
-        rows = copy.copy(px)
-        rows.mu, rows.theta = px.mu.detach(), leaf
-        if getattr(rows, "zi_logits", None) is not None:
-            rows.zi_logits = px.zi_logits.detach()
-        (d_theta,) = torch.autograd.grad(-rows.log_prob(x).sum(), leaf)
+        theta, theta_cells, d_theta = found
         names = list(self.others)
         params = [self.others[k] for k in names]
         squares = [torch.zeros_like(p) for p in params]
@@ -266,6 +255,36 @@ class _HookedLayers:
             for name, g in zip(self.others, grads):
                 if g is not None:
                     total[name] += g.detach().pow(2).sum(0)
+
+
+def likelihood_theta_gradient(px, x: torch.Tensor):
+    """``(theta, theta per cell, d loss_i / d theta_i)`` of a count likelihood, or None.
+
+    One backward of the likelihood with ``theta`` copied to one row per cell (``mu`` and the
+    zero-inflation logits detached) gives every cell's gradient with respect to its own
+    dispersion; ``theta_cells`` stays in the graph, for chaining back to the parameters.
+    """
+    theta = getattr(px, "theta", None)
+    if theta is None or not theta.requires_grad:
+        return None
+    theta_cells = theta.expand_as(x)  # in the graph: row i is cell i's dispersion
+    leaf = theta_cells.detach().clone().requires_grad_(True)
+    rows = copy.copy(px)
+    rows.mu, rows.theta = px.mu.detach(), leaf
+    if getattr(rows, "zi_logits", None) is not None:
+        rows.zi_logits = px.zi_logits.detach()
+    (d_theta,) = torch.autograd.grad(-rows.log_prob(x).sum(), leaf)
+    return theta, theta_cells, d_theta
+
+
+def refuse_reuse(layer: torch.nn.Module, seen: set, name: str, remedy: str) -> None:
+    """Raise if ``layer`` already ran in this forward pass (its per-cell terms would mix)."""
+    if layer in seen:
+        raise RuntimeError(
+            f"Layer {name or type(layer).__name__} ran twice in one forward pass; its per-cell "
+            f"gradients cannot be split from hooks. {remedy}"
+        )
+    seen.add(layer)
 
 
 def _per_cell_chain(theta, theta_cells, params, d_theta, chunk: int):

@@ -21,13 +21,12 @@ checked.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import TYPE_CHECKING
 
 import torch
 from scvi import REGISTRY_KEYS
 
-from scvi_unlearn.train._fisher import _per_cell_chain
+from scvi_unlearn.train._fisher import _per_cell_chain, likelihood_theta_gradient, refuse_reuse
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -144,13 +143,7 @@ class GhostClipper:
         squared = torch.zeros_like(per_cell).detach()
         seen: set[torch.nn.Module] = set()
         for (layer, a, _), g in zip(records, grads):
-            if layer in seen:
-                raise RuntimeError(
-                    f"Layer {self.layers[layer] or type(layer).__name__} ran twice in one "
-                    "forward pass; ghost clipping cannot split its per-cell gradients. Train "
-                    "with grad_sample_mode='vmap'."
-                )
-            seen.add(layer)
+            refuse_reuse(layer, seen, self.layers[layer], "Train with grad_sample_mode='vmap'.")
             if g is not None:
                 squared += self._layer_squares(layer, a, g.detach())
         if self.others:
@@ -209,16 +202,10 @@ class GhostClipper:
 
 def _dispersion_gradients(px, x: torch.Tensor, params: list) -> list[torch.Tensor] | None:
     """Per-cell gradients (``[n_cells, *shape]``) of ``params`` through ``px.theta``, or None."""
-    theta = getattr(px, "theta", None)
-    if theta is None or not theta.requires_grad:
+    found = likelihood_theta_gradient(px, x)
+    if found is None:
         return None
-    theta_cells = theta.expand_as(x)
-    leaf = theta_cells.detach().clone().requires_grad_(True)
-    rows = copy.copy(px)
-    rows.mu, rows.theta = px.mu.detach(), leaf
-    if getattr(rows, "zi_logits", None) is not None:
-        rows.zi_logits = px.zi_logits.detach()
-    (d_theta,) = torch.autograd.grad(-rows.log_prob(x).sum(), leaf)
+    theta, theta_cells, d_theta = found
     per_cell = [[] for _ in params]
     for grads in _per_cell_chain(theta, theta_cells, params, d_theta, chunk=64):
         for k, g in enumerate(grads):
