@@ -67,7 +67,7 @@ class GhostClipper:
             ):
                 self.layers[layer] = name
                 covered.update(name + n for n in own)
-            elif not isinstance(layer, type(module)) and prefix:
+            elif prefix:  # the root's own parameters (px_r) are handled below
                 # A parameterised layer whose per-cell norm has no hook identity here.
                 raise ValueError(
                     f"Ghost clipping does not cover layer {prefix} ({type(layer).__name__}); "
