@@ -41,10 +41,26 @@ Protocol (written before running; docs/methods.md: protocol, success):
   seeds give the same models), so a run of hours (Kang) can be completed over several
   sittings; the times in the tables are those measured when each model was trained.
 
+- Timing on two cores (Kang): ``--workers 2 --threads 1`` trains the pools two at a time at
+  one thread each; the method rows then run as two one-thread processes side by side
+  (``--methods`` subsets, separate ``--out``) and ``--merge`` combines them. Retrains and
+  methods are then timed under the same condition (one thread, the other core busy).
+
 Run::
 
     python benchmarks/unlearning_protocol.py --datasets pbmc3k --forget structured
     python benchmarks/unlearning_protocol.py --report-only
+    # Kang on two cores: pools, then two halves of the rows, then one report
+    python benchmarks/unlearning_protocol.py --datasets kang --forget structured \
+        --workers 2 --threads 1
+    python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
+        --methods retrain_fast_0.1 ssd contrastive reset_relearn fisher retrain_fast_0.25 \
+        --out benchmarks/results/unlearning_protocol_kang_a &
+    python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
+        --methods auto oracle_matching extragradient_calibrated \
+        --out benchmarks/results/unlearning_protocol_kang_b
+    python benchmarks/unlearning_protocol.py \
+        --merge benchmarks/results/unlearning_protocol_kang_{a,b}
 """
 
 from __future__ import annotations
@@ -357,6 +373,39 @@ def _save(out, dataset, forget_type, args, rows, band, trials, alpha, retrain_s,
     return result
 
 
+def merge(sources: list[Path], out: Path) -> None:
+    """Combine the cells of several ``--out`` folders (method rows run in separate processes).
+
+    Each process loads the same cached target, shadows, retrains and reference pool, so the
+    shared rows (trained model, retrains) and the band must agree; they are kept once and
+    every method row is added. A partial cell stays partial.
+    """
+    merged: dict[str, dict] = {}
+    for source in sources:
+        for path in sorted((source / "cells").glob("*.json")):
+            cell = json.loads(path.read_text())
+            key = f"{cell['dataset']}_{cell['forget']}_{cell['target']}"
+            if key not in merged:
+                merged[key] = cell
+                continue
+            have = merged[key]
+            if not np.allclose(have["retrain_band"], cell["retrain_band"]):
+                raise ValueError(f"{path}: its retrain band differs from the first source's.")
+            seen = {(r["method"], r.get("seed")) for r in have["rows"]}
+            have["rows"] += [r for r in cell["rows"] if (r["method"], r.get("seed")) not in seen]
+            have["partial"] = have["partial"] or cell["partial"]
+            methods = have["settings"]["methods"] + cell["settings"]["methods"]
+            have["settings"]["methods"] = list(dict.fromkeys(methods))
+    for key, cell in merged.items():
+        suffix = ".partial.json" if cell["partial"] else ".json"
+        path = out / "cells" / f"{key}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell, indent=2, default=str))
+        if not cell["partial"]:
+            path.with_name(f"{key}.partial.json").unlink(missing_ok=True)
+        print(f"merged {key} ({len(cell['rows'])} rows) into {path}")
+
+
 def report(out: Path) -> None:
     """results.md / results.json from every cell (finished or partial)."""
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
@@ -441,9 +490,18 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="benchmarks/cache")
     parser.add_argument("--out", default="benchmarks/results/unlearning_protocol")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="DIR",
+        help="combine the cells of these --out folders into --out and report (rows of one "
+        "request run in separate processes), then stop",
+    )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge([Path(d) for d in args.merge], out)
+        report(out)
+        return
     torch.set_num_threads(args.threads)
     if args.ray or args.workers > 1:
         su.set_default_executor(
