@@ -238,6 +238,10 @@ def test_retrain_models_on_a_process_pool_equal_sequential_retrains(tiny):
     assert sorted(seen) == [(0, True), (1, True)]
     for a, b in zip(sequential, pooled):
         assert isinstance(b, su.model.SCVI)
+        # back from a worker process, yet usable on the caller's AnnData in this one
+        assert b.adata is model.adata
+        latent_b = b.get_latent_representation(indices=forget)
+        np.testing.assert_allclose(latent_b, a.get_latent_representation(indices=forget))
         assert not np.isin(forget, b.train_indices).any()
         assert b.provenance["events"][-1]["method"] == "retrain"
         sa, sb = a.module.state_dict(), b.module.state_dict()

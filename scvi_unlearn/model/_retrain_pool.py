@@ -62,6 +62,7 @@ def retrain_models(
     shared = {"model": model, "forget": forget, "method": method, "kwargs": unlearn_kwargs}
 
     def deliver(i: int, result: dict) -> None:
+        attach_to_callers_adata(result["model"], model)
         if on_model is not None:
             on_model(seeds[i], result["model"], result["seconds"])
 
@@ -69,7 +70,21 @@ def retrain_models(
         retrain_one, [{"seed": s} for s in seeds], shared=shared, on_result=deliver,
         description="Retraining",
     )  # fmt: skip
-    return [r["model"] for r in results]
+    return [attach_to_callers_adata(r["model"], model) for r in results]
+
+
+def attach_to_callers_adata(retrained: SCVI, original: SCVI) -> SCVI:
+    """Point a retrained model at the caller's AnnData, registered in this process.
+
+    A model sent back by a worker process carries a pickled copy of the AnnData whose
+    AnnDataManager is registered only in that worker, so scvi-tools' data loaders refuse it here
+    ("AnnDataManager not found"). The copy has the same scvi-tools UUID as the caller's AnnData,
+    so the original model's manager serves the retrained one too, and the copy is dropped.
+    """
+    if retrained.adata is not original.adata:
+        retrained._register_manager_for_instance(original.adata_manager)
+        retrained.adata = original.adata
+    return retrained
 
 
 def retrain_one(shared: dict, seed: int) -> dict:
