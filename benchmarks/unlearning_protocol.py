@@ -33,7 +33,8 @@ Protocol (written before running; docs/methods.md: protocol, success):
   and left out of the headline.
 - Overall result per row: ``su.audit.overall_result`` (privacy verdict and held-out neg. ELBO
   against the mean retrain; exact methods are forgotten by construction). SUCCESS = "forgotten"
-  in at least 2 of 3 seeds and faster than a full retrain, measured in the same run.
+  in at least 2 of 3 seeds and faster than a full retrain, measured in the same run, and not
+  leaking again after relearning in a majority of the checked seeds.
 - Relearning check: each row that is "forgotten" is fine-tuned for ``RELEARN_EPOCHS`` epochs on
   the retained cells and audited again; the forget cells must not come back.
 - Resuming: the target, the retrains and every method row's model are saved with their wall
@@ -462,13 +463,25 @@ def _relearn_text(part: pd.DataFrame) -> str:
 
 
 def _success(name: str, part: pd.DataFrame, n_forgotten: int) -> str:
-    """SUCCESS: forgotten in >= 2 of 3 seeds (a majority), faster than a full retrain, powered."""
+    """The success rule of a method's rows.
+
+    SUCCESS: forgotten in >= 2 of 3 seeds (a majority), faster than a full retrain, powered,
+    and the forget cells do not come back after relearning in a majority of the checked seeds
+    (a method that only suppressed their signal has not removed it).
+    """
     if name in ("retrain", "trained (before)"):
         return "(reference)"
     if not part.powered.all():
         return "underpowered"
     majority = n_forgotten * 3 >= 2 * len(part)
-    return "SUCCESS" if majority and part.time_vs_retrain.mean() < 1 else "fail"
+    if not (majority and part.time_vs_retrain.mean() < 1):
+        return "fail"
+    if "relearn_verdict" in part:
+        checked = part[part.relearn_verdict.notna()]
+        leaks = int((checked.relearn_verdict == su.audit.LEAK).sum())
+        if len(checked) and leaks * 3 >= 2 * len(checked):
+            return "fail: comes back after relearning"
+    return "SUCCESS"
 
 
 def main() -> None:
