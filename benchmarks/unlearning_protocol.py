@@ -328,6 +328,8 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
                 f"({a.get('reason', '')})"
                 for a in metrics.get("attempts", [])
             ]
+            if metrics.get("skipped_approximate"):  # auto went straight to the exact method
+                rows[-1]["attempts"].insert(0, f"skipped: {metrics['skipped_approximate']}")
             # time spent obtaining the reference pool inside the request (a cache load here)
             rows[-1]["reference_s"] = metrics.get("reference_seconds", 0.0)
             kept[(name, s)] = (m, members, nonmembers, row_band)
