@@ -62,6 +62,7 @@ def retrain_models(
     shared = {"model": model, "forget": forget, "method": method, "kwargs": unlearn_kwargs}
 
     def deliver(i: int, result: dict) -> None:
+        # runs in this process for every task, before map() returns
         attach_to_callers_adata(result["model"], model)
         if on_model is not None:
             on_model(seeds[i], result["model"], result["seconds"])
@@ -70,7 +71,7 @@ def retrain_models(
         retrain_one, [{"seed": s} for s in seeds], shared=shared, on_result=deliver,
         description="Retraining",
     )  # fmt: skip
-    return [attach_to_callers_adata(r["model"], model) for r in results]
+    return [r["model"] for r in results]
 
 
 def attach_to_callers_adata(retrained: SCVI, original: SCVI) -> SCVI:
