@@ -227,6 +227,13 @@ def cmd_unlearn(args) -> int:
         f"{event['wall_time_s']:.1f} s; saved to {args.out} (provenance: "
         f"{args.out}/unlearning_provenance.json)."
     )
+    utility = event.get("utility", {})
+    if utility.get("n_held_out_cells"):
+        print(
+            f"Held-out neg. ELBO {utility['neg_elbo_before']:.1f} -> "
+            f"{utility['neg_elbo_after']:.1f} ({100 * utility['change']:+.1f}%) on "
+            f"{utility['n_held_out_cells']} cells the model never trained on."
+        )
     if event["method"] == "auto":
         for line in auto_attempt_lines(event["metrics"]):
             print(line)

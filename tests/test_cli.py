@@ -58,6 +58,7 @@ def test_cli_unlearn_auto_is_the_default_and_lists_its_attempts(saved_lab_model,
     assert "method='auto' tried 1 method(s)" in printed
     assert "no approximate method tried" in printed
     assert "retrain_fast: ACCEPTED: exact" in printed
+    assert "cells the model never trained on" in printed  # the held-out utility line
     provenance = json.loads((out / "unlearning_provenance.json").read_text())
     assert provenance["events"][-1]["metrics"]["accepted_method"] == "retrain_fast"
 

@@ -659,3 +659,42 @@ def test_train_without_max_epochs_uses_scvi_heuristic_and_records_it():
     model = su.model.SCVI(adata, n_hidden=8, n_latent=2)
     model.train(accelerator="cpu", enable_progress_bar=False, batch_size=60, train_size=1.0)
     assert model.train_kwargs_["max_epochs"] == get_max_epochs_heuristic(60)
+
+
+def test_every_run_records_held_out_utility_and_warns_when_it_is_lost(setting):
+    from scvi_unlearn.train._auto import mean_neg_elbo
+
+    model, forget = setting["model"], setting["split"].forget
+    untrained = np.setdiff1d(np.arange(setting["adata"].n_obs), model.train_indices)
+    expected_before = mean_neg_elbo(model.module, su.train.gather_tensors(model, untrained))
+
+    gentle = model.unlearn(
+        forget, method="fisher", alpha=1e-8, finetune_epochs=0, accelerator="cpu"
+    )
+    utility = gentle.provenance["events"][-1]["utility"]
+    assert utility["n_held_out_cells"] == untrained.size
+    assert utility["neg_elbo_before"] == pytest.approx(expected_before, rel=1e-6)
+    assert abs(utility["change"]) < 0.05 and utility["warned"] is False
+
+    with pytest.warns(UserWarning, match="utility was lost"):
+        damaged = model.unlearn(
+            forget, method="fisher", alpha=1e-2, finetune_epochs=0, accelerator="cpu"
+        )
+    utility = damaged.provenance["events"][-1]["utility"]
+    assert utility["change"] > 0.05 and utility["warned"] is True
+    assert utility["neg_elbo_after"] == pytest.approx(
+        mean_neg_elbo(damaged.module, su.train.gather_tensors(model, untrained)), rel=1e-6
+    )
+    # Noise so large that the ELBO is no longer finite: the worst damage, never "no change".
+    with pytest.warns(UserWarning, match="utility was lost"):
+        diverged = model.unlearn(
+            forget, method="fisher", alpha=10.0, finetune_epochs=0, accelerator="cpu"
+        )
+    utility = diverged.provenance["events"][-1]["utility"]
+    assert utility["warned"] is True and utility["neg_elbo_after"] is None
+    assert _states_equal(_state(model), setting["weights"])  # the check trains nothing
+
+
+def test_utility_record_without_held_out_cells(small_model):
+    out = small_model.unlearn([0, 1, 2], method="fisher", accelerator="cpu")
+    assert out.provenance["events"][-1]["utility"]["n_held_out_cells"] == 0

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import inspect
 import math
+import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
 from scvi_unlearn._validation import IndexLike, as_cell_indices
 from scvi_unlearn.audit import MembershipInference
-from scvi_unlearn.train import METHODS, MethodSpec, UnlearningRun
+from scvi_unlearn.train import METHODS, MethodSpec, UnlearningRun, gather_tensors
+from scvi_unlearn.train._auto import mean_neg_elbo, utility_cells
 
 if TYPE_CHECKING:
     import torch
@@ -196,6 +198,55 @@ def kl_weight_at(plan_kwargs: dict | None, epoch: int, step: int) -> float:
         for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight")
     }
     return float(_compute_kl_weight(epoch, step, **plan))
+
+
+# -- utility -----------------------------------------------------------------------------------
+#: Held-out neg. ELBO worse than the trained model's by more than this share: a warning (the same
+#: share ``method="auto"`` accepts by default, its ``max_utility_loss``).
+UTILITY_WARNING = 0.05
+
+
+class UtilityCheck:
+    """Held-out neg. ELBO of the model before and after unlearning, on cells it never saw.
+
+    Every run records it, so a method that damaged the model (a Fisher ``alpha`` too large, a
+    runaway ascent) says so in its provenance and in a warning instead of reading as done.
+    """
+
+    def __init__(self, original, run: UnlearningRun):
+        cells = utility_cells(run)
+        self.n_cells = int(cells.size)
+        self.tensors = gather_tensors(original, cells) if self.n_cells else None
+        self.before = None
+        if self.tensors is not None:
+            self.before = mean_neg_elbo(original.module, self.tensors)
+
+    def after(self, method: str, model) -> dict[str, Any]:
+        """The record of the run's ``utility``; warns when the loss exceeds the limit."""
+        if self.tensors is None:
+            return {"n_held_out_cells": 0, "note": "no cells outside the training set"}
+        after = mean_neg_elbo(model.module, self.tensors)
+        change = after / self.before - 1.0
+        # A diverged model (NaN or infinite ELBO) is the worst damage, not "no change".
+        damaged = not math.isfinite(change) or change > UTILITY_WARNING
+        if damaged:
+            warnings.warn(
+                f"Method '{method}' returned a model whose held-out neg. ELBO is {after:.1f} "
+                f"against the trained model's {self.before:.1f} ({change:+.1%}, on "
+                f"{self.n_cells} cells it never trained on): utility was lost. Check the "
+                "method's hyper-parameters (e.g. a smaller `alpha` for 'fisher') or use "
+                "method='auto', which rejects such a model.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.tensors = None  # free the cells' counts
+        return {
+            "n_held_out_cells": self.n_cells,
+            "neg_elbo_before": self.before,
+            "neg_elbo_after": after,
+            "change": change,
+            "warned": damaged,
+        }
 
 
 # -- the new model ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from scvi_unlearn.train._common import (
     iter_chunks,
     seed_everything,
     state_copy,
+    to_device,
 )
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._params import check_hyperparameters
@@ -74,9 +75,10 @@ def parse_candidates(text: str, registry: dict) -> list[str]:
 def mean_neg_elbo(module: torch.nn.Module, tensors, chunk_size: int = 1024) -> float:
     """Mean per-cell negative ELBO (posterior mean, eval mode): the utility of the gate."""
     total, count = 0.0, 0
+    device = next(module.parameters()).device  # a model trained on a GPU stays there
     with eval_mode(module):
         for chunk in iter_chunks(tensors, chunk_size):
-            values = per_cell_loss_terms(module, chunk)["neg_elbo"]
+            values = per_cell_loss_terms(module, to_device(chunk, device))["neg_elbo"]
             total += float(values.double().sum())
             count += int(values.numel())
     return total / max(count, 1)
@@ -96,8 +98,11 @@ def _development_cells(run: UnlearningRun, fraction: float):
     return f_dev, f_rep, n_dev, n_rep
 
 
-def _utility_cells(run: UnlearningRun) -> np.ndarray:
-    """Cells the model never trained on (validation and any other untrained cells)."""
+def utility_cells(run: UnlearningRun) -> np.ndarray:
+    """Cells the model never trained on (validation and any other untrained cells).
+
+    At most :data:`N_UTILITY_CELLS`, a sample drawn with the run's seed.
+    """
     n_obs = run.model.adata.n_obs
     untrained = np.setdiff1d(np.arange(n_obs), np.union1d(run.retain, run.forget))
     if untrained.size > N_UTILITY_CELLS:
@@ -145,10 +150,10 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
     hp = run.hyperparameters
     candidates = parse_candidates(hp["candidates"], registry)
     f_dev, _, n_dev, n_rep = _development_cells(run, hp["val_fraction"])
-    utility_cells = _utility_cells(run)
+    held_out = utility_cells(run)
     module = run.model.module
     original = state_copy(module)
-    utility_tensors = gather_tensors(run.model, utility_cells) if utility_cells.size else None
+    utility_tensors = gather_tensors(run.model, held_out) if held_out.size else None
     reference_utility = None if utility_tensors is None else mean_neg_elbo(module, utility_tensors)
     summary: dict[str, Any] = {
         "candidates": candidates,
@@ -159,7 +164,7 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         "n_nonmember_development": int(n_dev.size),
         "forget_val_names": run.model.adata.obs_names[f_dev].tolist(),
         "nonmember_val_names": run.model.adata.obs_names[n_dev].tolist(),
-        "n_utility_cells": int(utility_cells.size),
+        "n_utility_cells": int(held_out.size),
         "reference_neg_elbo": reference_utility,
         "attempts": [],
     }
