@@ -662,7 +662,7 @@ def test_train_without_max_epochs_uses_scvi_heuristic_and_records_it():
 
 
 def test_every_run_records_held_out_utility_and_warns_when_it_is_lost(setting):
-    from scvi_unlearn.train._auto import mean_neg_elbo
+    from scvi_unlearn.train import mean_neg_elbo
 
     model, forget = setting["model"], setting["split"].forget
     untrained = np.setdiff1d(np.arange(setting["adata"].n_obs), model.train_indices)

@@ -11,7 +11,6 @@ import numpy as np
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._unlearn import (
-    UtilityCheck,
     audit_result,
     check_forget,
     check_int,
@@ -24,9 +23,11 @@ from scvi_unlearn.model._unlearn import (
     reporting_cells,
     resolve_nonmembers,
     training_cells,
+    utility_record,
     weights_fingerprint,
 )
 from scvi_unlearn.train import (
+    HeldOutUtility,
     UnlearningRun,
     check_hyperparameters,
     resolve_epochs,
@@ -191,8 +192,8 @@ class UnlearningMixin:
         )
         weights_before = weights_fingerprint(target.module)
         check_start = time.perf_counter()
-        utility = UtilityCheck(self, run)  # a check of the result, not part of the method's time
-        check_seconds = time.perf_counter() - check_start
+        run.held_out = HeldOutUtility(run)  # measured on the trained weights, before the method
+        check_seconds = time.perf_counter() - check_start  # a check, not the method's time
         seed_everything(seed)
         metrics = spec.run(run)
         if not spec.exact and weights_fingerprint(target.module) == weights_before:
@@ -211,7 +212,7 @@ class UnlearningMixin:
         wall_time = time.perf_counter() - start - check_seconds
         finish(target, run, self)
         event = event_record(run, method, train, nonmember_info, started_at, wall_time, metrics)
-        event["utility"] = utility.after(method, target)
+        event["utility"] = utility_record(method, run.held_out, target.module)
         record(target, self, event)
         if audit:
             # After record(), so the audit knows which members were forgotten on purpose.

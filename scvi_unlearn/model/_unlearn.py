@@ -24,8 +24,7 @@ from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
 from scvi_unlearn._validation import IndexLike, as_cell_indices
 from scvi_unlearn.audit import MembershipInference
-from scvi_unlearn.train import METHODS, MethodSpec, UnlearningRun, gather_tensors
-from scvi_unlearn.train._auto import mean_neg_elbo, utility_cells
+from scvi_unlearn.train import METHODS, HeldOutUtility, MethodSpec, UnlearningRun
 
 if TYPE_CHECKING:
     import torch
@@ -206,47 +205,35 @@ def kl_weight_at(plan_kwargs: dict | None, epoch: int, step: int) -> float:
 UTILITY_WARNING = 0.05
 
 
-class UtilityCheck:
-    """Held-out neg. ELBO of the model before and after unlearning, on cells it never saw.
+def utility_record(method: str, held_out: HeldOutUtility, module) -> dict[str, Any]:
+    """The run's ``utility`` record: held-out neg. ELBO before and after; warns on a loss.
 
     Every run records it, so a method that damaged the model (a Fisher ``alpha`` too large, a
     runaway ascent) says so in its provenance and in a warning instead of reading as done.
     """
-
-    def __init__(self, original, run: UnlearningRun):
-        cells = utility_cells(run)
-        self.n_cells = int(cells.size)
-        self.tensors = gather_tensors(original, cells) if self.n_cells else None
-        self.before = None
-        if self.tensors is not None:
-            self.before = mean_neg_elbo(original.module, self.tensors)
-
-    def after(self, method: str, model) -> dict[str, Any]:
-        """The record of the run's ``utility``; warns when the loss exceeds the limit."""
-        if self.tensors is None:
-            return {"n_held_out_cells": 0, "note": "no cells outside the training set"}
-        after = mean_neg_elbo(model.module, self.tensors)
-        change = after / self.before - 1.0
-        # A diverged model (NaN or infinite ELBO) is the worst damage, not "no change".
-        damaged = not math.isfinite(change) or change > UTILITY_WARNING
-        if damaged:
-            warnings.warn(
-                f"Method '{method}' returned a model whose held-out neg. ELBO is {after:.1f} "
-                f"against the trained model's {self.before:.1f} ({change:+.1%}, on "
-                f"{self.n_cells} cells it never trained on): utility was lost. Check the "
-                "method's hyper-parameters (e.g. a smaller `alpha` for 'fisher') or use "
-                "method='auto', which rejects such a model.",
-                UserWarning,
-                stacklevel=3,
-            )
-        self.tensors = None  # free the cells' counts
-        return {
-            "n_held_out_cells": self.n_cells,
-            "neg_elbo_before": self.before,
-            "neg_elbo_after": after,
-            "change": change,
-            "warned": damaged,
-        }
+    if held_out.reference is None:
+        return {"n_held_out_cells": 0, "note": "no cells outside the training set"}
+    before, after = held_out.reference, held_out.of(module)
+    change = after / before - 1.0
+    # A diverged model (NaN or infinite ELBO) is the worst damage, not "no change".
+    damaged = not math.isfinite(change) or change > UTILITY_WARNING
+    if damaged:
+        warnings.warn(
+            f"Method '{method}' returned a model whose held-out neg. ELBO is {after:.1f} "
+            f"against the trained model's {before:.1f} ({change:+.1%}, on {held_out.n_cells} "
+            "cells it never trained on): utility was lost. Check the method's "
+            "hyper-parameters (e.g. a smaller `alpha` for 'fisher') or use method='auto', "
+            "which rejects such a model.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {
+        "n_held_out_cells": held_out.n_cells,
+        "neg_elbo_before": before,
+        "neg_elbo_after": after,
+        "change": change,
+        "warned": damaged,
+    }
 
 
 # -- the new model ---------------------------------------------------------------------------

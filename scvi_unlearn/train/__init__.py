@@ -49,6 +49,7 @@ from scvi_unlearn.train._reset import (
     saliency_scores,
 )
 from scvi_unlearn.train._selection import BestStateSelector
+from scvi_unlearn.train._utility import HeldOutUtility, mean_neg_elbo
 
 __all__ = [
     "AUTO_BUDGET",
@@ -69,6 +70,7 @@ __all__ = [
     "FisherScrubbingPlan",
     "FrozenCriticPlan",
     "GradientAscentPlan",
+    "HeldOutUtility",
     "MethodSpec",
     "OracleMatchingPlan",
     "Param",
@@ -83,6 +85,7 @@ __all__ = [
     "fisher_noise_std",
     "gather_tensors",
     "loss_auc",
+    "mean_neg_elbo",
     "method_reference_pool",
     "oracle_targets",
     "out_calibration",

@@ -19,24 +19,19 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from scvi_unlearn._verdict import LEAK, MAX_DETECTABLE_AUC, NO_EVIDENCE
 from scvi_unlearn.audit import MembershipInference
 from scvi_unlearn.data import validation_split
-from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.train._common import (
-    eval_mode,
-    gather_tensors,
-    iter_chunks,
     seed_everything,
     state_copy,
-    to_device,
 )
 from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, resolve_epochs
 from scvi_unlearn.train._params import check_hyperparameters
 from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, run_reference_pool
+from scvi_unlearn.train._utility import HeldOutUtility
 
 if TYPE_CHECKING:
     from scvi_unlearn.train._methods import UnlearningRun
@@ -54,8 +49,6 @@ AUTO_CANDIDATES: tuple[str, ...] = ("reset_relearn",)
 AUTO_BUDGET = 0.1
 #: The exact method ``auto`` falls back to.
 AUTO_FALLBACK = "retrain_fast"
-#: Held-out cells on which utility is measured (a seeded sample when there are more).
-N_UTILITY_CELLS = 2000
 
 
 def parse_candidates(text: str, registry: dict) -> list[str]:
@@ -71,19 +64,6 @@ def parse_candidates(text: str, registry: dict) -> list[str]:
     return names
 
 
-@torch.no_grad()
-def mean_neg_elbo(module: torch.nn.Module, tensors, chunk_size: int = 1024) -> float:
-    """Mean per-cell negative ELBO (posterior mean, eval mode): the utility of the gate."""
-    total, count = 0.0, 0
-    device = next(module.parameters()).device  # a model trained on a GPU stays there
-    with eval_mode(module):
-        for chunk in iter_chunks(tensors, chunk_size):
-            values = per_cell_loss_terms(module, to_device(chunk, device))["neg_elbo"]
-            total += float(values.double().sum())
-            count += int(values.numel())
-    return total / max(count, 1)
-
-
 def _development_cells(run: UnlearningRun, fraction: float):
     """(development, reporting) parts of the forget cells and of the non-members."""
 
@@ -96,18 +76,6 @@ def _development_cells(run: UnlearningRun, fraction: float):
     f_dev, f_rep = split(run.forget)
     n_dev, n_rep = split(run.nonmembers)
     return f_dev, f_rep, n_dev, n_rep
-
-
-def utility_cells(run: UnlearningRun) -> np.ndarray:
-    """Cells the model never trained on (validation and any other untrained cells).
-
-    At most :data:`N_UTILITY_CELLS`, a sample drawn with the run's seed.
-    """
-    n_obs = run.model.adata.n_obs
-    untrained = np.setdiff1d(np.arange(n_obs), np.union1d(run.retain, run.forget))
-    if untrained.size > N_UTILITY_CELLS:
-        untrained = np.sort(run.rng.choice(untrained, N_UTILITY_CELLS, replace=False))
-    return untrained.astype(np.int64)
 
 
 def _gate_audit(run: UnlearningRun, pool, f_dev, n_dev, n_bootstrap: int):
@@ -150,11 +118,10 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
     hp = run.hyperparameters
     candidates = parse_candidates(hp["candidates"], registry)
     f_dev, _, n_dev, n_rep = _development_cells(run, hp["val_fraction"])
-    held_out = utility_cells(run)
+    held_out = run.held_out or HeldOutUtility(run)  # before any attempt changes the weights
+    reference_utility = held_out.reference
     module = run.model.module
     original = state_copy(module)
-    utility_tensors = gather_tensors(run.model, held_out) if held_out.size else None
-    reference_utility = None if utility_tensors is None else mean_neg_elbo(module, utility_tensors)
     summary: dict[str, Any] = {
         "candidates": candidates,
         "fallback": AUTO_FALLBACK,
@@ -164,7 +131,7 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         "n_nonmember_development": int(n_dev.size),
         "forget_val_names": run.model.adata.obs_names[f_dev].tolist(),
         "nonmember_val_names": run.model.adata.obs_names[n_dev].tolist(),
-        "n_utility_cells": int(held_out.size),
+        "n_utility_cells": held_out.n_cells,
         "reference_neg_elbo": reference_utility,
         "attempts": [],
     }
@@ -216,7 +183,7 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         attempt = _attempt(run, name, registry[name], shared, n_rep, original)
         if "error" not in attempt and not attempt.get("unchanged"):
             gate = _gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"])
-            utility = mean_neg_elbo(module, utility_tensors)
+            utility = held_out.of(module)
             attempt["audit"] = _audit_record(gate)
             attempt["neg_elbo"] = utility
             attempt["utility_loss"] = utility / reference_utility - 1.0
@@ -238,7 +205,7 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         if "error" in attempt:
             raise RuntimeError(f"method='auto': the exact fallback failed: {attempt['error']}")
         if reference_utility is not None:
-            attempt["neg_elbo"] = mean_neg_elbo(module, utility_tensors)
+            attempt["neg_elbo"] = held_out.of(module)
             attempt["utility_loss"] = attempt["neg_elbo"] / reference_utility - 1.0
         attempt["accepted"] = True
         attempt["reason"] = "exact: the forget cells are not in the data it trained on"

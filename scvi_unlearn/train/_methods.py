@@ -52,6 +52,8 @@ from scvi_unlearn.train._reset import ResetRelearnPlan, request_seed
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from scvi_unlearn.train._utility import HeldOutUtility
+
 
 @dataclass
 class UnlearningRun:
@@ -72,6 +74,9 @@ class UnlearningRun:
         Run settings (``max_epochs`` already resolved to the method's default if not given).
     kl_weight
         KL weight to continue training at (that of the end of the original training).
+    held_out
+        Held-out cells and the trained model's neg. ELBO on them, measured before the method
+        runs (``unlearn()`` sets it; ``method="auto"`` gates on it).
     """
 
     model: Any
@@ -87,6 +92,7 @@ class UnlearningRun:
     enable_progress_bar: bool = True
     kl_weight: float = 1.0
     method: str = ""
+    held_out: HeldOutUtility | None = None
 
     @property
     def rng(self) -> np.random.Generator:
