@@ -118,7 +118,8 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
     hp = run.hyperparameters
     candidates = parse_candidates(hp["candidates"], registry)
     f_dev, _, n_dev, n_rep = _development_cells(run, hp["val_fraction"])
-    held_out = run.held_out or HeldOutUtility(run)  # before any attempt changes the weights
+    # Measured before any attempt changes the weights (unlearn() has already done it).
+    held_out = run.held_out if run.held_out is not None else HeldOutUtility(run)
     reference_utility = held_out.reference
     module = run.model.module
     original = state_copy(module)
