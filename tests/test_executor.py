@@ -223,7 +223,11 @@ def test_unreachable_ray_address_is_a_clear_error():
 # -- retrain seeds ------------------------------------------------------------------------------
 def test_retrain_models_on_a_process_pool_equal_sequential_retrains(tiny):
     adata, recipe = tiny
-    model = recipe.fit(adata.copy(), accelerator="cpu", enable_progress_bar=False)
+    # Cells left out of training, as in a lab's model: unlearn() evaluates them in the worker,
+    # which needs the model's AnnData manager registered there.
+    model = recipe.fit_cells(
+        adata.copy(), np.arange(100), accelerator="cpu", enable_progress_bar=False
+    )
     forget = np.arange(10)
     quiet = {"accelerator": "cpu", "enable_progress_bar": False}
     seen = []
@@ -244,6 +248,7 @@ def test_retrain_models_on_a_process_pool_equal_sequential_retrains(tiny):
         np.testing.assert_allclose(latent_b, a.get_latent_representation(indices=forget))
         assert not np.isin(forget, b.train_indices).any()
         assert b.provenance["events"][-1]["method"] == "retrain"
+        assert b.provenance["events"][-1]["utility"]["n_held_out_cells"] == 20
         sa, sb = a.module.state_dict(), b.module.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     first, second = (m.module.state_dict() for m in sequential)

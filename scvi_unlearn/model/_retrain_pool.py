@@ -59,7 +59,15 @@ def retrain_models(
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Seeds repeat ({seeds}): the same seed gives the same model.")
-    shared = {"model": model, "forget": forget, "method": method, "kwargs": unlearn_kwargs}
+    # The manager travels with the model (one pickle, so it keeps pointing at the model's
+    # AnnData): scvi-tools keeps managers in per-process stores that a worker starts without.
+    shared = {
+        "model": model,
+        "manager": model.adata_manager,
+        "forget": forget,
+        "method": method,
+        "kwargs": unlearn_kwargs,
+    }
 
     def deliver(i: int, result: dict) -> None:
         # runs in this process for every task, before map() returns
@@ -88,10 +96,24 @@ def attach_to_callers_adata(retrained: SCVI, original: SCVI) -> SCVI:
     return retrained
 
 
+def register_in_this_process(model: SCVI, manager) -> SCVI:
+    """Register ``model``'s AnnData manager in this process if it is not there yet.
+
+    A model unpickled in a worker process has its AnnData but not scvi-tools' per-process
+    manager stores, so its data loaders fail ("AnnDataManager not found"); ``manager`` came in
+    the same pickle and points at that AnnData.
+    """
+    if model.get_anndata_manager(model.adata) is None:
+        type(model)._setup_adata_manager_store.setdefault(manager.adata_uuid, manager)
+        model._register_manager_for_instance(manager)
+    return model
+
+
 def retrain_one(shared: dict, seed: int) -> dict:
     """One exact retrain (an :class:`~scvi_unlearn.Executor` task), with its wall time."""
     start = time.perf_counter()
-    retrained = shared["model"].unlearn(
+    model = register_in_this_process(shared["model"], shared["manager"])
+    retrained = model.unlearn(
         shared["forget"], method=shared["method"], seed=seed, **shared["kwargs"]
     )
     return {"model": retrained, "seconds": time.perf_counter() - start}
