@@ -47,6 +47,11 @@ def clone_model(model: scvi.model.SCVI, cls: type | None = None) -> scvi.model.S
     # scvi-tools keeps AnnData managers in per-class stores: register the original's managers
     # with the copy's class so the copy finds its data.
     for manager in type(model)._per_instance_manager_store.get(model.id, {}).values():
-        cls._setup_adata_manager_store.setdefault(manager.adata_uuid, manager)
-        new._register_manager_for_instance(manager)
+        register_manager(new, manager)
     return new
+
+
+def register_manager(model: scvi.model.SCVI, manager: AnnDataManager) -> None:
+    """Register ``manager`` for ``model`` in scvi-tools' per-class, per-process stores."""
+    type(model)._setup_adata_manager_store.setdefault(manager.adata_uuid, manager)
+    model._register_manager_for_instance(manager)

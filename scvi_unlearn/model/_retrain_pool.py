@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from scvi_unlearn._executor import get_default_executor
+from scvi_unlearn.model._clone import register_manager
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -104,8 +105,7 @@ def register_in_this_process(model: SCVI, manager) -> SCVI:
     the same pickle and points at that AnnData.
     """
     if model.get_anndata_manager(model.adata) is None:
-        type(model)._setup_adata_manager_store.setdefault(manager.adata_uuid, manager)
-        model._register_manager_for_instance(manager)
+        register_manager(model, manager)
     return model
 
 
