@@ -16,6 +16,11 @@ Protocol (written before running; docs/methods.md: protocol, success):
   smallest of ``FISHER_ALPHAS`` whose development audit finds no leak with held-out neg. ELBO
   within 5% of the trained model's; the other methods run at their library defaults, which were
   set before this run. No number of the reporting set feeds a choice.
+- ``oracle_matching`` runs at its library default (references leave out random halves of the
+  cells). ``oracle_matching_grouped`` (added before Kang's donor request was run) is the
+  issue's variant for group requests: its references leave out whole groups (``GROUP_KEYS``:
+  the donor for a donor request, the cell type for a structured one), a pool of its own whose
+  one-time cost is reported beside the other. Scattered requests have no group and skip it.
 - Pools: the audit's shadows (seed ``--seed``, cache ``<cache>/``) are disjoint from the
   methods' reference pool (seed offset ``REFERENCE_SEED_OFFSET``, cache
   ``<cache>/method_references``); the development audits use the reference pool, never the
@@ -53,12 +58,12 @@ Run::
     python benchmarks/unlearning_protocol.py --report-only
     # Kang on two cores: pools, then two halves of the rows, then one report
     python benchmarks/unlearning_protocol.py --datasets kang --forget structured \
-        --workers 2 --threads 1
+        --workers 2 --threads 1 --pools-only
     python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
         --methods retrain_fast_0.1 ssd contrastive reset_relearn fisher retrain_fast_0.25 \
         --out benchmarks/results/unlearning_protocol_kang_a &
     python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
-        --methods auto oracle_matching extragradient_calibrated \
+        --methods auto oracle_matching extragradient_calibrated oracle_matching_grouped \
         --out benchmarks/results/unlearning_protocol_kang_b
     python benchmarks/unlearning_protocol.py \
         --merge benchmarks/results/unlearning_protocol_kang_{a,b}
@@ -90,6 +95,8 @@ METHODS = {
     "fisher": ("fisher", {}),  # alpha chosen on the development set
     "reset_relearn": ("reset_relearn", {}),
     "oracle_matching": ("oracle_matching", {}),
+    # the issue's variant for group requests: references leave the whole group out (below)
+    "oracle_matching_grouped": ("oracle_matching", {}),
     "extragradient_calibrated": ("extragradient_calibrated", {}),
     "retrain_fast_0.1": ("retrain_fast", {"budget": 0.1}),
     "retrain_fast_0.25": ("retrain_fast", {"budget": 0.25}),
@@ -97,7 +104,12 @@ METHODS = {
     # the original study's contrastive-latent row (issue 13), at its library defaults
     "contrastive": ("contrastive", {}),
 }
-USES_REFERENCES = {"oracle_matching", "extragradient_calibrated", "auto"}
+USES_REFERENCES = {
+    "oracle_matching", "oracle_matching_grouped", "extragradient_calibrated", "auto"
+}  # fmt: skip
+# The obs column whose groups a request forgets whole; `oracle_matching_grouped` trains its
+# references with these groups IN or OUT together (its own pool, paid once per request type).
+GROUP_KEYS = {"structured": "cell_type", "donor": "sample_id"}
 EXACT = {"retrain", "retrain_fast"}
 FISHER_ALPHAS = (1e-5, 1e-4, 1e-3)
 MIN_HEADLINE_CELLS = 60
@@ -240,6 +252,20 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     reference_pool_s = float(sum(pool.train_seconds))
     print(f"method reference pool: {reference_pool_s:.0f} s to train, "
           f"{time.perf_counter() - t0:.1f} s now")  # fmt: skip
+    grouped_pool_s = None
+    group_key = GROUP_KEYS.get(forget_type)
+    if "oracle_matching_grouped" in args.methods and group_key is not None:
+        # Trained here, on the pools' executor (--workers), not inside a timed method row.
+        grouped = su.train.method_reference_pool(
+            target, su.train.DEFAULT_N_REFERENCES, args.seed, refs_dir, accelerator="cpu",
+            keep_models=True, group_key=group_key,
+        )  # fmt: skip
+        grouped_pool_s = float(sum(grouped.train_seconds))
+        print(f"grouped method reference pool ({group_key}): {grouped_pool_s:.0f} s to train")
+    pools_s = (reference_pool_s, grouped_pool_s)
+    if args.pools_only:
+        print("pools ready")
+        return {}
     dev_mi = su.MembershipInference(
         adata, recipe=target, n_shadows=pool.n_shadows, cache_dir=False, accelerator="cpu",
         seed=su.train.REFERENCE_SEED_OFFSET + args.seed, attacks=("lira_online",),
@@ -302,6 +328,11 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
             hp["alpha"] = alpha
         if name in USES_REFERENCES:
             hp["reference_cache_dir"] = refs_dir
+        if name == "oracle_matching_grouped":
+            if group_key is None:
+                print(f"{name}: no group to leave out in a {forget_type} request, skipped")
+                continue
+            hp["group_key"] = group_key
         for s in range(args.method_seeds):
             try:
                 request = functools.partial(
@@ -334,7 +365,7 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
             rows[-1]["reference_s"] = metrics.get("reference_seconds", 0.0)
             kept[(name, s)] = (m, members, nonmembers, row_band)
         _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
-              retrain_s, target_s, reference_pool_s, partial=True)  # fmt: skip
+              retrain_s, target_s, pools_s, partial=True)  # fmt: skip
 
     # -- relearning check --------------------------------------------------------------------
     retain = np.setdiff1d(train, rep.forget)
@@ -355,16 +386,18 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         detectable = su.audit.detectable_auc(members.size, nonmembers.size, row_band[1])
         r["relearn_verdict"] = su.audit.judge(result.auc_ci, row_band, detectable)
     return _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
-                 retrain_s, target_s, reference_pool_s, partial=False)  # fmt: skip
+                 retrain_s, target_s, pools_s, partial=False)  # fmt: skip
 
 
 def _save(out, dataset, forget_type, args, rows, band, trials, alpha, retrain_s, target_s,
           pool_s, partial) -> dict:  # fmt: skip
+    pool_s, grouped_pool_s = pool_s
     result = {
         "dataset": dataset, "forget": forget_type, "target": args.target,
         "retrain_band": list(band), "fisher_selection": {"alpha": alpha, "trials": trials},
         "times": {"retrain_mean_s": retrain_s, "target_s": target_s,
-                  "reference_pool_one_time_s": pool_s},
+                  "reference_pool_one_time_s": pool_s,
+                  "grouped_reference_pool_one_time_s": grouped_pool_s},
         "rows": rows, "settings": vars(args), "partial": partial,
     }  # fmt: skip
     suffix = ".partial.json" if partial else ".json"
@@ -429,6 +462,12 @@ def report(out: Path) -> None:
             f"retrain {t['retrain_mean_s']:.0f} s; method reference pool (one-time, per data "
             f"set and recipe) {pool_s:.0f} s. Fisher alpha chosen on the development set: "
             f"{alpha:g}."
+            + (
+                f" Grouped reference pool (`oracle_matching_grouped`, one-time) "
+                f"{t['grouped_reference_pool_one_time_s']:.0f} s."
+                if t.get("grouped_reference_pool_one_time_s")
+                else ""
+            )
         )
         for name, part in rows.groupby("method", sort=False):
             n_forgotten = int((part.overall == su.audit.FORGOTTEN).sum())
@@ -506,6 +545,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/unlearning_protocol")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--pools-only", action="store_true",
+        help="train (or load) the target, shadows, retrains and reference pools, then stop "
+        "(before the method rows, which can then run as separate processes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--merge", nargs="+", default=None, metavar="DIR",
         help="combine the cells of these --out folders into --out and report (rows of one "
         "request run in separate processes), then stop",
@@ -537,8 +581,10 @@ def main() -> None:
                     print(f"skip {name}: done (delete it to rerun)")
                     continue
                 run_cell(adata, dataset, forget_type, cell_args, out)
-                report(out)
-    report(out)
+                if not args.pools_only:
+                    report(out)
+    if not args.pools_only:
+        report(out)
 
 
 if __name__ == "__main__":
