@@ -430,6 +430,9 @@ def merge(sources: list[Path], out: Path) -> None:
             seen = {(r["method"], r.get("seed")) for r in have["rows"]}
             have["rows"] += [r for r in cell["rows"] if (r["method"], r.get("seed")) not in seen]
             have["partial"] = have["partial"] or cell["partial"]
+            for name, seconds in cell["times"].items():  # a pool only one process trained
+                if have["times"].get(name) is None:
+                    have["times"][name] = seconds
             methods = have["settings"]["methods"] + cell["settings"]["methods"]
             have["settings"]["methods"] = list(dict.fromkeys(methods))
     for key, cell in merged.items():
