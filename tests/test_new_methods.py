@@ -270,6 +270,33 @@ def test_oracle_matching_forgets_with_its_own_reference_pool(forget_case, overfi
     assert after < before - 0.2, (before, after)
 
 
+def test_oracle_matching_grouped_references_leave_whole_groups_out(small_model, tmp_path):
+    """For a request that forgets a group, each reference has the whole group IN or OUT."""
+    adata = small_model.adata
+    group = adata.obs["cell_type"].to_numpy()
+    forget = np.flatnonzero(group == group[0])[:10]
+    out = small_model.unlearn(
+        forget, method="oracle_matching", group_key="cell_type", accelerator="cpu", seed=0,
+        max_epochs=2, reference_cache_dir=str(tmp_path), enable_progress_bar=False,
+    )  # fmt: skip
+    assert out.provenance["events"][-1]["metrics"]["reference_group_key"] == "cell_type"
+    grouped = su.train.method_reference_pool(
+        small_model, cache_dir=str(tmp_path), keep_models=True, group_key="cell_type"
+    )
+    per_cell = su.train.method_reference_pool(small_model, cache_dir=str(tmp_path))
+    for k in range(grouped.n_shadows):
+        for g in np.unique(group):  # one membership per group and reference
+            assert np.unique(grouped.in_mask[k, group == g]).size == 1
+    # a separate pool from the per-cell one (its own cache entry), each cell OUT for half
+    assert not np.array_equal(grouped.in_mask, per_cell.in_mask)
+    assert (grouped.in_mask.sum(0) == grouped.n_shadows // 2).all()
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(small_model.module.state_dict().values(), out.module.state_dict().values())
+    )
+    assert changed
+
+
 # -- contrastive latent ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def structured_case():
