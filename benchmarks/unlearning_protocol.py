@@ -390,8 +390,8 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
 
 
 def _save(out, dataset, forget_type, args, rows, band, trials, alpha, retrain_s, target_s,
-          pool_s, partial) -> dict:  # fmt: skip
-    pool_s, grouped_pool_s = pool_s
+          pools_s, partial) -> dict:  # fmt: skip
+    pool_s, grouped_pool_s = pools_s  # (per-cell, grouped) reference pools' one-time costs
     result = {
         "dataset": dataset, "forget": forget_type, "target": args.target,
         "retrain_band": list(band), "fisher_selection": {"alpha": alpha, "trials": trials},
