@@ -7,11 +7,13 @@ the same setup arguments, architecture and training arguments, on other cells.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scvi
 from scvi.dataloaders._data_splitting import validate_data_split
 
@@ -133,6 +135,27 @@ class Recipe:
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def categorical_keys(self) -> list[str]:
+        """The obs columns the recipe registers as categories (batch, labels, covariates)."""
+        keys = [self.setup_kwargs.get(k) for k in ("batch_key", "labels_key")]
+        keys += list(self.setup_kwargs.get("categorical_covariate_keys") or [])
+        return [k for k in keys if k is not None]
+
+    def subset_keeping_categories(self, adata: AnnData, cells) -> AnnData:
+        """A copy of ``adata[cells]`` whose categorical setup columns keep every category.
+
+        A model trained on a subset that lacks a rare batch or label (2 cells of a batch, a
+        rare cell type with ``dispersion="gene-label"``) could not featurise the full data:
+        scvi-tools refuses categories its registry never saw. With the full data's categories
+        registered, the subset's model knows them all (the missing ones simply never train).
+        """
+        subset = adata[cells].copy()
+        for key in self.categorical_keys():
+            if key in adata.obs:
+                categories = pd.Index(adata.obs[key].astype("category").cat.categories)
+                subset.obs[key] = pd.Categorical(subset.obs[key], categories=categories)
+        return subset
+
     def fit(
         self,
         adata: AnnData,
@@ -236,7 +259,15 @@ def _avoid_single_cell_batch(train_kwargs: dict[str, Any], n_cells: int) -> dict
 
 
 def _infer_train_kwargs(model) -> dict[str, Any]:
-    """Best reconstruction of ``model.train`` arguments for a plain scvi-tools model."""
+    """Best reconstruction of ``model.train`` arguments for a plain scvi-tools model.
+
+    ``max_epochs`` comes from the length of the training history and ``train_size`` from the
+    stored train / validation indices. While the model still holds the Lightning trainer of its
+    fit (a model trained in this session), the training plan's settings (``lr``,
+    ``weight_decay``, KL warm-up, ...) and the batch size are read from it; a model loaded from
+    disk has lost them, and only an epoch KL warm-up can be read back, from the logged
+    ``kl_weight`` history. Anything else takes scvi-tools' default.
+    """
     kwargs: dict[str, Any] = {}
     history = getattr(model, "history_", None) or {}
     if "elbo_train" in history:
@@ -247,4 +278,64 @@ def _infer_train_kwargs(model) -> dict[str, Any]:
         n_train = len(train_idx)
         n_val = 0 if val_idx is None else len(val_idx)
         kwargs["train_size"] = 1.0 if n_val == 0 else round(n_train / (n_train + n_val), 4)
+    trainer = getattr(model, "trainer", None)
+    plan = getattr(trainer, "lightning_module", None)
+    if plan is not None:
+        plan_kwargs = _plan_settings(plan)
+        loader = getattr(getattr(trainer, "datamodule", None), "data_loader_kwargs", None) or {}
+        batch_size = loader.get("batch_size")
+        if batch_size is not None and int(batch_size) != scvi.settings.batch_size:
+            kwargs["batch_size"] = int(batch_size)
+    else:
+        plan_kwargs = _warmup_from_history(history)
+    if plan_kwargs:
+        kwargs["plan_kwargs"] = plan_kwargs
     return kwargs
+
+
+def _plan_settings(plan) -> dict[str, Any]:
+    """The arguments of a fitted scvi-tools ``TrainingPlan`` that differ from its defaults."""
+    from scvi.train import TrainingPlan
+
+    defaults = inspect.signature(TrainingPlan.__init__).parameters
+    settings = {}
+    for name in _PLAN_SETTINGS:
+        value = getattr(plan, "optimizer_name" if name == "optimizer" else name, None)
+        if name in defaults and value is not None and value != defaults[name].default:
+            settings[name] = to_jsonable(value)
+    return settings
+
+
+#: Training-plan arguments a fitted plan keeps as attributes of the same name.
+_PLAN_SETTINGS = (
+    "optimizer", "lr", "weight_decay", "eps", "n_steps_kl_warmup", "n_epochs_kl_warmup",
+    "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold", "lr_scheduler_metric",
+    "lr_min", "max_kl_weight", "min_kl_weight",
+)  # fmt: skip
+
+
+def _warmup_from_history(history: dict) -> dict[str, Any]:
+    """``n_epochs_kl_warmup`` read back from the logged KL weights, where they show it.
+
+    scvi-tools' epoch warm-up sets the weight ``min(1, epoch / n_epochs_kl_warmup)`` (with the
+    default maximum of 1): a logged weight ``w`` strictly between 0 and 1 at epoch ``e`` gives
+    ``e / w``; a weight already at 1 on the first logged epoch ``e`` means a warm-up of at most
+    ``e`` epochs (``e`` is used). Nothing is returned when the log agrees with the default.
+    """
+    logged = history.get("kl_weight")
+    if logged is None or len(logged) == 0:
+        return {}
+    weights = np.asarray(logged.iloc[:, 0], dtype=float)
+    epochs = np.asarray(logged.index, dtype=float)
+    rising = (weights > 0) & (weights < 1)
+    if rising.any():
+        warmup = round(float(epochs[rising][-1] / weights[rising][-1]))
+    elif weights[0] >= 1:
+        warmup = int(epochs[0])
+    else:
+        return {}
+    return {} if warmup == TRAINING_PLAN_DEFAULT_WARMUP else {"n_epochs_kl_warmup": warmup}
+
+
+#: scvi-tools' default epoch KL warm-up.
+TRAINING_PLAN_DEFAULT_WARMUP = 400

@@ -6,16 +6,19 @@ import argparse
 import contextlib
 import json
 import logging
+import pickle
 import sys
+import traceback
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anndata
 import matplotlib
 import numpy as np
 
 from scvi_unlearn._demo import run_demo
+from scvi_unlearn._io import read_h5ad_checked
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._utils import parse_key_value
 from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInference
@@ -113,7 +116,7 @@ def resolve_audit_cells(model, adata, population=None, members_file=None, nonmem
 
 def cmd_audit(args) -> int:
     """``scvi-unlearn audit``: shadows, attacks, report files."""
-    adata = anndata.read_h5ad(args.data)
+    adata = read_h5ad_checked(args.data)
     model = SCVI.load(args.model_dir, adata.copy())
     members, nonmembers = resolve_audit_cells(
         model, adata, args.population, args.members, args.nonmembers
@@ -203,7 +206,7 @@ def _parse_hyperparameters(pairs: list[str]) -> dict:
 
 def cmd_unlearn(args) -> int:
     """``scvi-unlearn unlearn``: forget cells of a saved model and save the result."""
-    adata = anndata.read_h5ad(args.data)
+    adata = read_h5ad_checked(args.data)
     model = SCVI.load(args.model_dir, adata)
     train = training_positions(model)
     if train is None:
@@ -286,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="Show the libraries' log lines and warnings (Lightning, scvi-tools).",
+        help="Show the libraries' log lines and warnings (Lightning, scvi-tools), and the "
+        "traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -366,9 +370,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_libraries(args.verbose):
             return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
-        print(f"scvi-unlearn {args.command}: error: {exc}", file=sys.stderr)
+    except _EXPECTED_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"scvi-unlearn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"scvi-unlearn {args.command}: interrupted; nothing was saved.", file=sys.stderr)
+        return 130
+
+
+#: Errors a command reports in one line (``--verbose`` adds the traceback): bad input, files
+#: that are missing, unreadable or corrupt, permissions, an untrained or destroyed model.
+_EXPECTED_ERRORS = (
+    OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, json.JSONDecodeError,
+    ValueError, KeyError, IndexError, RuntimeError, TypeError,
+)  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line, named by its type where the message alone is bare."""
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}"
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if isinstance(exc, ValueError | RuntimeError) else f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":

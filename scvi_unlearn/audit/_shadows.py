@@ -11,7 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,15 +171,23 @@ class ShadowPool:
         )
 
     @classmethod
-    def load(cls, path: Path) -> ShadowPool:
-        with np.load(path, allow_pickle=False) as f:
-            return cls(
-                features=f["features"],
-                in_mask=f["in_mask"],
-                pool=f["pool"],
-                feature_names=tuple(f["feature_names"].tolist()),
-                train_seconds=f["train_seconds"].tolist(),
-            )
+    def load(cls, path: Path, legacy: bool = False) -> ShadowPool | None:
+        """The pool saved at ``path``; ``None`` if it is damaged (see :func:`_read_entry`)."""
+        f = _read_entry(Path(path), _POOL_KEYS, legacy=legacy)
+        if f is None:
+            return None
+        return cls(
+            features=f["features"],
+            in_mask=f["in_mask"],
+            pool=f["pool"],
+            feature_names=tuple(f["feature_names"].tolist()),
+            train_seconds=f["train_seconds"].tolist(),
+        )
+
+
+#: The arrays of a saved pool and of one shadow's entry.
+_POOL_KEYS = ("features", "in_mask", "pool", "feature_names", "train_seconds")
+_SHADOW_KEYS = ("features", "in_mask", "seconds")
 
 
 @contextlib.contextmanager
@@ -259,14 +270,21 @@ def train_shadow_pool(
     def model_file(k: int) -> Path | None:
         return None if folder is None else folder / f"model_{k}.pt"
 
+    legacy = False
     if folder is not None:
+        legacy = _written_before_checksums(folder)
         done = folder / "pool.npz"
-        have_models = not keep_models or all(model_file(k).exists() for k in range(n_shadows))
-        if done.exists() and have_models:
+        weights = [_load_weights(model_file(k)) for k in range(n_shadows)] if keep_models else []
+        result = ShadowPool.load(done, legacy=legacy) if done.exists() else None
+        if result is not None and all(w is not None for w in weights):
             logger.info("Loading cached shadow models from %s", folder)
-            result = ShadowPool.load(done)
             if keep_models:
-                result.state_dicts = [_load_weights(model_file(k)) for k in range(n_shadows)]
+                result.state_dicts = weights
+            if legacy:  # every entry now carries its checksum
+                meta = json.loads((folder / "meta.json").read_text())
+                (folder / "meta.json").write_text(
+                    json.dumps({**meta, "checksums": True}, indent=2)
+                )
             return result
         writable_dir(folder)
         (folder / "meta.json").write_text(
@@ -278,6 +296,7 @@ def train_shadow_pool(
                     "n_pool": int(pool.size),
                     "by_group": groups is not None,
                     "version": _CACHE_VERSION,
+                    "checksums": True,
                 },
                 indent=2,
             )
@@ -288,14 +307,16 @@ def train_shadow_pool(
     state_dicts: list[dict | None] = [None] * n_shadows
     todo = []
     for k in range(n_shadows):
-        part = None if folder is None else folder / f"shadow_{k}.npz"
-        weights = model_file(k)
-        if part is not None and part.exists() and (not keep_models or weights.exists()):
-            if keep_models:
-                state_dicts[k] = _load_weights(weights)
-            with np.load(part) as f:
-                features[k], in_mask[k] = f["features"], f["in_mask"]
-                seconds[k] = float(f["seconds"])
+        entry = (
+            None
+            if folder is None
+            else _read_entry(folder / f"shadow_{k}.npz", _SHADOW_KEYS, legacy)
+        )
+        weights = _load_weights(model_file(k)) if keep_models and entry is not None else None
+        if entry is not None and (not keep_models or weights is not None):
+            state_dicts[k] = weights
+            features[k], in_mask[k] = entry["features"], entry["in_mask"]
+            seconds[k] = float(entry["seconds"])
             continue
         todo.append(k)
 
@@ -350,7 +371,7 @@ def fit_shadow(shared: dict, cells: np.ndarray, seed: int, keep_model: bool) -> 
     start = time.perf_counter()
     with _quiet_lightning():
         shadow = recipe.fit(
-            adata[cells].copy(),
+            recipe.subset_keeping_categories(adata, cells),
             seed=seed,
             accelerator=shared["accelerator"],
             devices=shared["devices"],
@@ -371,14 +392,84 @@ def fit_shadow(shared: dict, cells: np.ndarray, seed: int, keep_model: bool) -> 
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    """``np.savez_compressed`` to a temporary name, then rename (never half a file)."""
+    """``np.savez_compressed`` to a temporary name, then rename (never half a file).
+
+    The file carries a SHA-256 of its arrays (``checksum``), which :func:`_read_entry` checks.
+    """
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez_compressed(tmp, **arrays, checksum=np.array(_checksum(arrays)))
     tmp.replace(path)
 
 
-def _load_weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _read_entry(path: Path, keys: tuple[str, ...], legacy: bool = False) -> dict | None:
+    """The arrays of a cache file, or ``None`` (with a warning, file removed) if it is damaged.
+
+    Damaged: unreadable (truncated, not a zip), a missing array, a checksum that does not
+    match its arrays, or features that are not finite. ``legacy`` accepts a file written before
+    checksums were recorded (and records one now).
+    """
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in keys}
+            stored = str(f["checksum"]) if "checksum" in f.files else None
+        if stored is None and not legacy:
+            raise ValueError("it carries no checksum")
+        if stored is not None and stored != _checksum(arrays):
+            raise ValueError("its checksum does not match its contents")
+        if "features" in arrays and not np.isfinite(arrays["features"]).all():
+            raise ValueError("its features are not all finite")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        warnings.warn(
+            f"The shadow cache entry {path} is damaged ({exc}); it is removed and its models "
+            "are trained again.",
+            UserWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    if stored is None:
+        _atomic_savez(path, **arrays)
+    return arrays
+
+
+def _load_weights(path: Path | None) -> dict | None:
+    """A cached model's weights; ``None`` if absent or unreadable (then it is trained again)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        warnings.warn(
+            f"The cached model {path} is damaged ({type(exc).__name__}); it is removed and "
+            "trained again.",
+            UserWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _written_before_checksums(folder: Path) -> bool:
+    """Whether a cache folder predates checksums (its entries are accepted once, then sealed)."""
+    meta = folder / "meta.json"
+    if not meta.exists():
+        return False
+    try:
+        return not json.loads(meta.read_text()).get("checksums", False)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def _atomic_torch_save(state: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ from anndata import AnnData
 from scvi.data import AnnDataManager
 
 from scvi_unlearn._recipe import Recipe
+from scvi_unlearn.train._common import last_kl_weight
 
 if TYPE_CHECKING:
     import scvi
@@ -44,6 +45,10 @@ def clone_model(model: scvi.model.SCVI, cls: type | None = None) -> scvi.model.S
     new.id = str(uuid4())
     if getattr(model, "is_trained_", False) and getattr(model, "train_kwargs_", None) is None:
         new.train_kwargs_ = Recipe.from_model(model).train_kwargs
+    plan = getattr(getattr(model, "trainer", None), "lightning_module", None)
+    if getattr(model, "final_kl_weight_", None) is None and plan is not None:
+        # The plan of the model's own fit knows its last KL weight exactly.
+        new.final_kl_weight_ = last_kl_weight(plan)
     # scvi-tools keeps AnnData managers in per-class stores: register the original's managers
     # with the copy's class so the copy finds its data.
     for manager in type(model)._per_instance_manager_store.get(model.id, {}).values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -11,9 +12,13 @@ import numpy as np
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._unlearn import (
+    DAMAGE_LIMIT,
     audit_result,
+    check_damage,
+    check_damage_limit,
     check_forget,
     check_int,
+    check_unlearnable_data,
     event_record,
     final_kl_weight,
     finish,
@@ -33,6 +38,7 @@ from scvi_unlearn.train import (
     resolve_epochs,
     seed_everything,
 )
+from scvi_unlearn.train._common import state_copy
 
 
 class UnlearningMixin:
@@ -52,6 +58,7 @@ class UnlearningMixin:
         population_key: str | None = None,
         enable_progress_bar: bool = True,
         audit_kwargs: dict[str, Any] | None = None,
+        damage_limit: float | None = DAMAGE_LIMIT,
         **method_kwargs: Any,
     ):
         """Forget cells the model was trained on; return the model that forgot them.
@@ -100,6 +107,11 @@ class UnlearningMixin:
             ``n_bootstrap``), plus ``nonmembers``: the audit's own non-members. Pass cells the
             method did not see: by default the audit reuses the method's non-members, on which
             an adversarial method selected its state, so its verdict would be optimistic.
+        damage_limit
+            The most the held-out neg. ELBO may rise, as a share of the trained model's
+            (``1.0``: it may double), before the result is refused with an error instead of
+            returned; a non-finite ELBO is always over the limit. ``None`` returns any model
+            (with a warning when utility was lost).
         **method_kwargs
             Hyper-parameters of the method (see ``METHODS[method].params``), e.g. ``lambda_``,
             ``n_critics``, ``critic_lr`` for extragradient, ``alpha`` for Fisher.
@@ -119,7 +131,9 @@ class UnlearningMixin:
         Raises
         ------
         RuntimeError
-            If the model is untrained.
+            If the model is untrained, or the method destroyed it (see ``damage_limit``). With
+            ``inplace=True`` any error, an interruption included, restores the model's
+            weights and records: it is left as it was, never half-changed.
         ValueError, TypeError, IndexError, KeyError
             For invalid cells, methods or hyper-parameters, with a message naming the problem.
 
@@ -143,6 +157,8 @@ class UnlearningMixin:
                 "The model has no AnnData; load it with `SCVI.load(dir_path, adata)` so the "
                 "cells to forget can be found."
             )
+        check_unlearnable_data(self)
+        damage_limit = check_damage_limit(damage_limit)
         spec = method_spec(method)
         hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
         seed = check_int("seed", seed, low=0)
@@ -175,68 +191,98 @@ class UnlearningMixin:
         started_at = datetime.now(timezone.utc).isoformat()
         start = time.perf_counter()
         target = self if inplace else clone_model(self)
-        run = UnlearningRun(
-            model=target,
-            forget=forget,
-            retain=np.setdiff1d(train, forget).astype(np.int64),
-            nonmembers=nonmember_idx,
-            validation=positions(self.validation_indices),
-            hyperparameters=hyperparameters,
-            seed=seed,
-            max_epochs=resolve_epochs(self, spec, method, max_epochs, hyperparameters),
-            accelerator=accelerator,
-            devices=devices,
-            enable_progress_bar=enable_progress_bar,
-            kl_weight=final_kl_weight(self),
-            method=method,
-        )
-        weights_before = weights_fingerprint(target.module)
-        check_start = time.perf_counter()
-        run.held_out = HeldOutUtility(run)  # measured on the trained weights, before the method
-        check_seconds = time.perf_counter() - check_start  # a check, not the method's time
-        seed_everything(seed)
-        metrics = spec.run(run)
-        if not spec.exact and weights_fingerprint(target.module) == weights_before:
-            # A record saying "removed" over unchanged weights is the worst possible outcome.
-            if inplace:
+        saved = _Snapshot(target) if inplace else None
+        try:
+            run = UnlearningRun(
+                model=target,
+                forget=forget,
+                retain=np.setdiff1d(train, forget).astype(np.int64),
+                nonmembers=nonmember_idx,
+                validation=positions(self.validation_indices),
+                hyperparameters=hyperparameters,
+                seed=seed,
+                max_epochs=resolve_epochs(self, spec, method, max_epochs, hyperparameters),
+                accelerator=accelerator,
+                devices=devices,
+                enable_progress_bar=enable_progress_bar,
+                kl_weight=final_kl_weight(self),
+                method=method,
+            )
+            weights_before = weights_fingerprint(target.module)
+            check_start = time.perf_counter()
+            # Measured on the trained weights, before the method.
+            run.held_out = HeldOutUtility(run)
+            check_seconds = time.perf_counter() - check_start  # a check, not the method's time
+            seed_everything(seed)
+            metrics = spec.run(run)
+            if not spec.exact and weights_fingerprint(target.module) == weights_before:
+                # A record saying "removed" over unchanged weights is the worst possible outcome.
+                if inplace:
+                    raise RuntimeError(
+                        f"Method '{method}' left the weights exactly as they were: nothing was "
+                        "unlearned and no record was written. Check its hyper-parameters (e.g. "
+                        "alpha=0 with no fine-tune epochs) or use method='retrain'."
+                    )
                 raise RuntimeError(
-                    f"Method '{method}' left the weights exactly as they were: nothing was "
-                    "unlearned and no record was written. Check its hyper-parameters (e.g. "
-                    "alpha=0 with no fine-tune epochs) or use method='retrain'."
+                    f"Method '{method}' returned the original weights: nothing was unlearned, so "
+                    "no unlearned model is returned. Check its hyper-parameters (e.g. alpha=0 "
+                    "with no fine-tune epochs) or use method='retrain'."
                 )
-            raise RuntimeError(
-                f"Method '{method}' returned the original weights: nothing was unlearned, so "
-                "no unlearned model is returned. Check its hyper-parameters (e.g. alpha=0 "
-                "with no fine-tune epochs) or use method='retrain'."
+            wall_time = time.perf_counter() - start - check_seconds
+            finish(target, run, self)
+            event = event_record(
+                run, method, train, nonmember_info, started_at, wall_time, metrics
             )
-        wall_time = time.perf_counter() - start - check_seconds
-        finish(target, run, self)
-        event = event_record(run, method, train, nonmember_info, started_at, wall_time, metrics)
-        event["utility"] = utility_record(method, run.held_out, target.module)
-        record(target, self, event)
-        if audit:
-            # After record(), so the audit knows which members were forgotten on purpose.
-            audit_kwargs = dict(audit_kwargs or {})
-            # Reporting non-members kept apart from those the method selected on
-            # (see :ref:`methods-protocol`).
-            audit_nonmembers = audit_kwargs.pop("nonmembers", None)
-            if audit_nonmembers is not None:
-                audit_nonmembers = as_cell_indices(
-                    self.adata, audit_nonmembers, "audit nonmembers"
+            event["utility"] = utility_record(method, run.held_out, target.module)
+            check_damage(method, event["utility"], damage_limit)
+            record(target, self, event)
+            if audit:
+                # After record(), so the audit knows which members were forgotten on purpose.
+                audit_kwargs = dict(audit_kwargs or {})
+                # Reporting non-members kept apart from those the method selected on
+                # (see :ref:`methods-protocol`).
+                audit_nonmembers = audit_kwargs.pop("nonmembers", None)
+                if audit_nonmembers is not None:
+                    audit_nonmembers = as_cell_indices(
+                        self.adata, audit_nonmembers, "audit nonmembers"
+                    )
+                audit_forget, default_nonmembers = reporting_cells(
+                    self.adata, forget, nonmember_idx, metrics
                 )
-            audit_forget, default_nonmembers = reporting_cells(
-                self.adata, forget, nonmember_idx, metrics
-            )
-            summary = audit_result(
-                target,
-                self,
-                audit_forget,
-                default_nonmembers if audit_nonmembers is None else audit_nonmembers,
-                seed,
-                accelerator,
-                devices,
-                enable_progress_bar,
-                audit_kwargs,
-            )
-            target.unlearning_provenance_["events"][-1]["audit"] = summary
+                summary = audit_result(
+                    target,
+                    self,
+                    audit_forget,
+                    default_nonmembers if audit_nonmembers is None else audit_nonmembers,
+                    seed,
+                    accelerator,
+                    devices,
+                    enable_progress_bar,
+                    audit_kwargs,
+                )
+                target.unlearning_provenance_["events"][-1]["audit"] = summary
+        except BaseException:
+            if saved is not None:  # an error or an interruption: the model as it was
+                saved.restore()
+            raise
         return target
+
+
+class _Snapshot:
+    """A model's attributes and weights, to put back if an in-place run fails midway."""
+
+    def __init__(self, model):
+        self.model = model
+        self.attributes = dict(model.__dict__)
+        self.deep = {k: copy.deepcopy(v) for k, v in self.attributes.items() if k in _MUTABLE}
+        self.weights = state_copy(model.module)
+
+    def restore(self) -> None:
+        self.model.__dict__.clear()
+        self.model.__dict__.update(self.attributes)
+        self.model.__dict__.update(self.deep)
+        self.model.module.load_state_dict(self.weights)
+
+
+#: Attributes a run changes in place (the rest it only replaces, which the shallow copy undoes).
+_MUTABLE = ("history_", "unlearning_provenance_", "train_kwargs_")

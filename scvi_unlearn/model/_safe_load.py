@@ -121,6 +121,10 @@ def _pandas_string_containers() -> dict[str, object]:
     return {name: obj for name, obj in candidates.items() if obj is not None}
 
 
+#: How the restricted unpickler says no (told apart from bytes that are not a pickle at all).
+_REFUSAL = "is not an allowed data container"
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only allow-listed globals (no arbitrary callables).
 
@@ -137,9 +141,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         key = f"{module}.{name}"
         if key in _RestrictedUnpickler._allowed:
             return _RestrictedUnpickler._allowed[key]
-        raise pickle.UnpicklingError(
-            f"global '{key}' is not an allowed data container; refusing to load it"
-        )
+        raise pickle.UnpicklingError(f"global '{key}' {_REFUSAL}; refusing to load it")
 
 
 _restricted_pickle = types.SimpleNamespace(
@@ -162,23 +164,40 @@ def safe_torch_load(path: str | os.PathLike, map_location=None):
         If the file holds any other pickled object; the message names it.
     """
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    try:
+        try:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            pass
         return torch.load(
             path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle
         )
     except pickle.UnpicklingError as exc:
+        if _REFUSAL not in str(exc):  # not a forbidden object: bytes that are no pickle
+            raise CorruptModelFileError(path, exc) from exc
         raise RuntimeError(
             f"Refusing to load {path}: {exc}. Loading it could execute arbitrary code. If you "
             "trust the file, load it with `scvi.model.SCVI.load` and wrap the result with "
             "`scvi_unlearn.model.SCVI.from_scvi(model)`."
         ) from exc
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise CorruptModelFileError(path, exc) from exc
 
 
-def check_safe_model_file(path: str | os.PathLike) -> None:
+class CorruptModelFileError(ValueError):
+    """A model file that is empty, truncated or not a ``torch.save`` file at all."""
+
+    def __init__(self, path, cause: BaseException):
+        reason = "it ends before any data" if isinstance(cause, EOFError) else str(cause)
+        super().__init__(
+            f"{path} is not a readable model file: it is empty, truncated or corrupt "
+            f"({reason[:120]}). Save the model again, or restore the file from a copy."
+        )
+
+
+def check_safe_model_file(path: str | os.PathLike) -> dict:
     """Raise unless ``path`` unpickles with only allow-listed data containers.
 
     Unpickling resolves the same globals whichever unpickler reads a file, so once this check
@@ -188,5 +207,11 @@ def check_safe_model_file(path: str | os.PathLike) -> None:
     ------
     RuntimeError
         If the file holds any other pickled object; the message names it.
+    CorruptModelFileError
+        If the file is empty, truncated or not a model file.
+
+    Returns
+    -------
+    The file's content (``model_state_dict``, ``var_names``, ``attr_dict``).
     """
-    safe_torch_load(path, map_location="cpu")
+    return safe_torch_load(path, map_location="cpu")

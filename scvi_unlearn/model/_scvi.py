@@ -6,22 +6,25 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata
 import numpy as np
 import scvi
-from anndata import AnnData
 from scvi.model._utils import get_max_epochs_heuristic
 
+from scvi_unlearn._io import read_h5ad_checked, read_json_checked
 from scvi_unlearn._recipe import register_model_class
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn.model._clone import clone_model
+from scvi_unlearn.model._matching import genes_in_model_order, match_rows_by_name
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._safe_load import check_safe_model_file
 from scvi_unlearn.train import train_dp
 from scvi_unlearn.train._common import last_kl_weight
 from scvi_unlearn.train._dp import load_privacy, save_privacy
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 PROVENANCE_FILE = "unlearning_provenance.json"
 
@@ -58,6 +61,9 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         self.final_kl_weight_ = last_kl_weight(self.trainer.lightning_module)
         # Names survive re-ordering or subsetting of the AnnData later (positions do not).
         self.train_obs_names_ = self.adata.obs_names[np.asarray(self.train_indices)].tolist()
+        self.validation_obs_names_ = self.adata.obs_names[
+            np.asarray(self.validation_indices, dtype=np.int64)
+        ].tolist()
         return result
 
     @classmethod
@@ -70,12 +76,20 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         scvi-tools' own loader read that same private copy, so no pickled code can run and no
         global function is patched. The unlearning provenance, if present, is restored.
 
+        An ``adata`` passed in is matched to the model by name: genes in another order are
+        put in the model's order (a new AnnData; the one passed in is not modified), and the
+        training and validation cells are found by obs name (recorded by this class, or read
+        from the directory's ``adata.h5ad`` for a plain scvi-tools model), so a re-ordered or
+        subset AnnData never shifts which cells count as trained.
+
         Raises
         ------
         FileNotFoundError
             If ``dir_path`` does not exist or holds no ``model.pt``.
         RuntimeError
             If ``model.pt`` holds anything but plain data (the message names it).
+        ValueError
+            If a file is empty, truncated or corrupt, or ``adata`` lacks genes of the model.
         """
         prefix = kwargs.get("prefix") or ""
         if not os.path.isdir(dir_path):
@@ -87,17 +101,21 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
                 "`model.save(...)`?"
             )
         saved_adata = os.path.join(dir_path, f"{prefix}adata.h5ad")
-        if adata is None and os.path.exists(saved_adata):
-            adata = anndata.read_h5ad(saved_adata)  # h5ad holds arrays, never pickles
+        given = adata is not None
+        if not given and os.path.exists(saved_adata):
+            adata = read_h5ad_checked(saved_adata)  # h5ad holds arrays, never pickles
         with tempfile.TemporaryDirectory(prefix="scvi_unlearn_load_") as private:
             # Check and load the same private copy: the file cannot change in between.
             copied = shutil.copy(model_file, os.path.join(private, f"{prefix}model.pt"))
-            check_safe_model_file(copied)
+            saved = check_safe_model_file(copied)
+            if given:
+                adata = genes_in_model_order(adata, saved["var_names"])
             model = super().load(private, adata=adata, **kwargs)
+        if given:
+            match_rows_by_name(model, saved_adata)
         provenance_path = os.path.join(dir_path, PROVENANCE_FILE)
         if os.path.exists(provenance_path):
-            with open(provenance_path) as handle:
-                model.unlearning_provenance_ = json.load(handle)
+            model.unlearning_provenance_ = read_json_checked(provenance_path)
         load_privacy(model, dir_path)
         return model
 
@@ -128,6 +146,12 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         """
         if isinstance(model, cls):
             return model
+        if type(model) is not scvi.model.SCVI and not isinstance(model, scvi.model.SCVI):
+            raise TypeError(
+                f"`from_scvi` wraps scvi-tools' SCVI models; got a {type(model).__name__}. "
+                "Other models (SCANVI, TOTALVI, ...) train with other losses and plans, which "
+                "the audit and the unlearning methods do not reproduce."
+            )
         return clone_model(model, cls)
 
     @property

@@ -22,7 +22,7 @@ from scvi.train._trainingplans import _compute_kl_weight
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
-from scvi_unlearn._validation import IndexLike, as_cell_indices
+from scvi_unlearn._validation import IndexLike, as_cell_indices, check_count_data
 from scvi_unlearn.audit import MembershipInference
 from scvi_unlearn.train import METHODS, HeldOutUtility, MethodSpec, UnlearningRun
 
@@ -90,6 +90,23 @@ def positions(indices) -> np.ndarray:
     if indices is None:
         return np.zeros(0, np.int64)
     return np.unique(np.asarray(indices, dtype=np.int64))
+
+
+def check_unlearnable_data(model) -> None:
+    """Raise unless the model's AnnData holds the raw counts every method trains on.
+
+    A minified AnnData (scvi-tools keeps only latent posterior parameters, its counts are
+    gone) and normalised or log-transformed values would let methods run on the wrong numbers.
+    """
+    minified = getattr(model, "minified_data_type", None)
+    if minified is not None:
+        raise ValueError(
+            f"The model's AnnData is minified ({minified}): it holds latent posterior "
+            "parameters, not the counts that unlearning retrains on. Load the model with the "
+            "full AnnData (`SCVI.load(dir_path, adata=full_adata)`) and unlearn that."
+        )
+    layer = model.adata_manager.registry.get("setup_args", {}).get("layer")
+    check_count_data(model.adata, layer)
 
 
 def training_cells(model) -> np.ndarray:
@@ -203,6 +220,9 @@ def kl_weight_at(plan_kwargs: dict | None, epoch: int, step: int) -> float:
 #: Held-out neg. ELBO worse than the trained model's by more than this share: a warning (the same
 #: share ``method="auto"`` accepts by default, its ``max_utility_loss``).
 UTILITY_WARNING = 0.05
+#: ``unlearn(damage_limit=...)``'s default: a model whose held-out neg. ELBO more than doubled
+#: (or is no longer finite) is refused, not returned.
+DAMAGE_LIMIT = 1.0
 
 
 def utility_record(method: str, held_out: HeldOutUtility, module) -> dict[str, Any]:
@@ -218,12 +238,17 @@ def utility_record(method: str, held_out: HeldOutUtility, module) -> dict[str, A
     # A diverged model (NaN or infinite ELBO) is the worst damage, not "no change".
     damaged = not math.isfinite(change) or change > UTILITY_WARNING
     if damaged:
+        remedy = (
+            "auto's exact fallback ran, so the recipe's budget is too short for these cells: "
+            "pass a larger `budget`"
+            if method == "auto"
+            else "Check the method's hyper-parameters (e.g. a smaller `alpha` for 'fisher') "
+            "or use method='auto', which rejects such a model"
+        )
         warnings.warn(
             f"Method '{method}' returned a model whose held-out neg. ELBO is {after:.1f} "
             f"against the trained model's {before:.1f} ({change:+.1%}, on {held_out.n_cells} "
-            "cells it never trained on): utility was lost. Check the method's "
-            "hyper-parameters (e.g. a smaller `alpha` for 'fisher') or use method='auto', "
-            "which rejects such a model.",
+            f"cells it never trained on): utility was lost. {remedy}.",
             UserWarning,
             stacklevel=3,
         )
@@ -234,6 +259,34 @@ def utility_record(method: str, held_out: HeldOutUtility, module) -> dict[str, A
         "change": change,
         "warned": damaged,
     }
+
+
+def check_damage(method: str, utility: dict[str, Any], damage_limit: float | None) -> None:
+    """Raise if the held-out neg. ELBO rose by more than ``damage_limit`` (``None``: never)."""
+    if damage_limit is None or not utility.get("n_held_out_cells"):
+        return
+    change = utility["change"]
+    if math.isfinite(change) and change <= damage_limit:
+        return
+    raise RuntimeError(
+        f"Method '{method}' destroyed the model: its held-out neg. ELBO went from "
+        f"{utility['neg_elbo_before']:.1f} to {utility['neg_elbo_after']:.4g} ({change:+.0%}; "
+        f"the limit is {damage_limit:+.0%}), so no unlearned model is returned. Use gentler "
+        "hyper-parameters or an exact method (method='retrain_fast'), or pass "
+        "`damage_limit=None` to get the damaged model anyway."
+    )
+
+
+def check_damage_limit(value: Any) -> float | None:
+    """``damage_limit`` as a positive float, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"`damage_limit` must be a positive share (1.0 = the held-out neg. ELBO may double) "
+            f"or None, got {value!r}."
+        )
+    return float(value)
 
 
 # -- the new model ---------------------------------------------------------------------------

@@ -104,6 +104,11 @@ def per_cell_loss_terms_and_likelihood(
     qz = inference_outputs["qz"]
     # Posterior mean instead of a sample: deterministic features and lower-variance gradients.
     inference_outputs["z"] = module.z_encoder.z_transformation(qz.loc)
+    ql = inference_outputs.get("ql")
+    if ql is not None:
+        # Without the observed library size scVI samples the log library from q(l | x); its
+        # posterior mean keeps the features deterministic for every library-size setting.
+        inference_outputs["library"] = ql.loc
     generative_inputs = module._get_generative_input(tensors, inference_outputs)
     generative_outputs = module.generative(**generative_inputs)
     x = tensors[REGISTRY_KEYS.X_KEY]
@@ -120,7 +125,8 @@ def per_cell_loss_terms_and_likelihood(
         "library": x.sum(-1),
         "qz_mean": qz.loc,
         "qz_var": qz.scale.pow(2),
-        "px_mu": px.mu,
+        # NB and ZINB carry ``mu``; scvi-tools' Poisson is torch's, whose mean is its rate.
+        "px_mu": px.mu if hasattr(px, "mu") else px.mean,
     }
     return terms, px
 

@@ -34,6 +34,8 @@ from scvi_unlearn.train._references import REFERENCE_SEED_OFFSET, run_reference_
 from scvi_unlearn.train._utility import HeldOutUtility
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from scvi_unlearn.train._methods import UnlearningRun
 
 #: Approximate methods ``auto`` tries, cheapest first. Decided on development sets only by
@@ -98,6 +100,12 @@ def _gate_audit(run: UnlearningRun, pool, f_dev, n_dev, n_bootstrap: int):
     return report.results["lira_online"]
 
 
+def _scorable(pool, cells: np.ndarray) -> np.ndarray:
+    """The ``cells`` that at least one reference trained on and at least one left out."""
+    trained = pool.in_mask[:, cells]
+    return cells[trained.any(0) & (~trained).any(0)]
+
+
 def _audit_record(result) -> dict[str, Any]:
     return {
         "auc": float(result.auc),
@@ -149,7 +157,22 @@ def run_auto(run: UnlearningRun, registry: dict) -> dict[str, Any]:
         pool, record = run_reference_pool(run, keep_models="oracle_matching" in candidates)
         summary["reference_seconds"] = record["reference_seconds"]
         summary["reference_train_seconds"] = record["reference_train_seconds"]
-        summary["before"] = _audit_record(_gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"]))
+        # A recipe with a validation split leaves some cells out of every reference that drew
+        # them IN: LiRA cannot score those, so the gate judges the others only.
+        f_dev, n_dev = _scorable(pool, f_dev), _scorable(pool, n_dev)
+        summary["n_forget_gated"], summary["n_nonmember_gated"] = int(f_dev.size), int(n_dev.size)
+        try:
+            if min(f_dev.size, n_dev.size) < MIN_SELECTION_CELLS:
+                raise ValueError(
+                    f"only {f_dev.size} forget and {n_dev.size} non-member development cells "
+                    "have reference models that trained on them and that left them out"
+                )
+            before = _gate_audit(run, pool, f_dev, n_dev, hp["n_bootstrap"])
+        except ValueError as err:  # a gate that cannot run says why, and the exact route runs
+            skip_reason = f"the gate's audit could not run: {err}"
+            pool = None
+    if pool is not None:
+        summary["before"] = _audit_record(before)
         if summary["before"]["detectable_auc"] > MAX_DETECTABLE_AUC:
             # The smallest AUC the gate could call a leak depends only on the cell counts and
             # the band, the same for every attempt: each would read "underpowered" and be
