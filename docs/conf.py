@@ -92,4 +92,14 @@ def setup(app):
     app.connect("autodoc-process-bases", _public_bases)
 
 
+def _write_configurations() -> None:
+    """The supported / refused configurations table, from the package's registry."""
+    from scvi_unlearn.model._configurations import configurations_table
+
+    target = HERE / "_generated"
+    target.mkdir(exist_ok=True)
+    (target / "configurations.md").write_text(configurations_table())
+
+
 _copy_tutorials()
+_write_configurations()

@@ -92,6 +92,7 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
             nonmembers=non_sel,
             seed=seed,
             accelerator="cpu",
+            damage_limit=None,  # a method that destroys the model is shown, not skipped
         )
         seconds = time.perf_counter() - start
         rep = mi.audit(forgotten, members=split.forget, nonmembers=non_rep)

@@ -154,6 +154,17 @@ def check_trained(model) -> None:
         )
 
 
+def check_not_minified(model) -> None:
+    """Raise if the model's AnnData is minified (its counts replaced by latent parameters)."""
+    minified = getattr(model, "minified_data_type", None)
+    if minified is not None:
+        raise ValueError(
+            f"The model's AnnData is minified ({minified}): it holds latent posterior "
+            "parameters, not the counts that audits score and unlearning retrains on. Load the "
+            "model with the full AnnData (`SCVI.load(dir_path, adata=full_adata)`)."
+        )
+
+
 def check_genes_match(model, adata: AnnData) -> None:
     """Raise if ``adata``'s genes differ from those the model was set up with."""
     model_genes = pd.Index(model.adata.var_names)

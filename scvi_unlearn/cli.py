@@ -21,6 +21,7 @@ from scvi_unlearn._demo import run_demo
 from scvi_unlearn._io import read_h5ad_checked
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._utils import parse_key_value
+from scvi_unlearn._validation import check_trained
 from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInference
 from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
 from scvi_unlearn.model import SCVI
@@ -116,8 +117,9 @@ def resolve_audit_cells(model, adata, population=None, members_file=None, nonmem
 
 def cmd_audit(args) -> int:
     """``scvi-unlearn audit``: shadows, attacks, report files."""
-    adata = read_h5ad_checked(args.data)
-    model = SCVI.load(args.model_dir, adata.copy())
+    model = SCVI.load(args.model_dir, read_h5ad_checked(args.data))
+    check_trained(model)
+    adata = model.adata  # genes in the model's order, cells matched by name (see SCVI.load)
     members, nonmembers = resolve_audit_cells(
         model, adata, args.population, args.members, args.nonmembers
     )
@@ -208,6 +210,7 @@ def cmd_unlearn(args) -> int:
     """``scvi-unlearn unlearn``: forget cells of a saved model and save the result."""
     adata = read_h5ad_checked(args.data)
     model = SCVI.load(args.model_dir, adata)
+    check_trained(model)
     train = training_positions(model)
     if train is None:
         raise ValueError("The model stores no training cells, so none can be unlearned.")

@@ -124,6 +124,9 @@ def extragradient(setting):
         retain_fraction=1.0,
         # 61% of the ~33 forget / non-member cells: the 20 + 20 that selection needs
         val_fraction=0.61,
+        # On this memorising model the game more than doubles the held-out neg. ELBO, which
+        # unlearn() refuses by default; these tests are about the game, not that refusal.
+        damage_limit=None,
     )
 
 
@@ -298,8 +301,10 @@ def test_every_method_trains_under_lightning_without_touching_adata(
     # auto sizes its attempts itself (budget=, each method's default), no max_epochs
     extra.update({"candidates": "finetune"} if method == "auto" else {"max_epochs": 2})
     new = setting["model"].unlearn(
-        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu", **extra
-    )
+        adata.obs_names[split.forget], method=method, seed=0, accelerator="cpu",
+        damage_limit=None,  # two epochs may wreck this memorising model; not the point here
+        **extra,
+    )  # fmt: skip
     trainer = new.trainer
     assert isinstance(trainer, scvi.train.Trainer)
     assert trainer.progress_bar_callback is not None
@@ -678,8 +683,9 @@ def test_every_run_records_held_out_utility_and_warns_when_it_is_lost(setting):
 
     with pytest.warns(UserWarning, match="utility was lost"):
         damaged = model.unlearn(
-            forget, method="fisher", alpha=1e-2, finetune_epochs=0, accelerator="cpu"
-        )
+            forget, method="fisher", alpha=1e-2, finetune_epochs=0, accelerator="cpu",
+            damage_limit=None,
+        )  # fmt: skip
     utility = damaged.provenance["events"][-1]["utility"]
     assert utility["change"] > 0.05 and utility["warned"] is True
     assert utility["neg_elbo_after"] == pytest.approx(
@@ -688,8 +694,9 @@ def test_every_run_records_held_out_utility_and_warns_when_it_is_lost(setting):
     # Noise so large that the ELBO is no longer finite: the worst damage, never "no change".
     with pytest.warns(UserWarning, match="utility was lost"):
         diverged = model.unlearn(
-            forget, method="fisher", alpha=10.0, finetune_epochs=0, accelerator="cpu"
-        )
+            forget, method="fisher", alpha=10.0, finetune_epochs=0, accelerator="cpu",
+            damage_limit=None,
+        )  # fmt: skip
     utility = diverged.provenance["events"][-1]["utility"]
     assert utility["warned"] is True and utility["neg_elbo_after"] is None
     assert _states_equal(_state(model), setting["weights"])  # the check trains nothing

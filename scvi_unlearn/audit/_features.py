@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from scvi_unlearn._model_data import registered_adata
-from scvi_unlearn._validation import as_cell_indices, check_trained
+from scvi_unlearn._validation import as_cell_indices, check_not_minified, check_trained
 from scvi_unlearn.module import SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def attack_features(
     True
     """
     check_trained(model)
+    check_not_minified(model)
     adata = registered_adata(model, adata)
     idx = (
         np.arange(adata.n_obs)

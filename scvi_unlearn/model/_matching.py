@@ -58,6 +58,8 @@ def match_rows_by_name(model, saved_adata: str | os.PathLike) -> None:
     ``adata.h5ad`` beside it, whose rows the stored positions index. Without either, the
     positions are kept and a warning says that they cannot be checked.
     """
+    if getattr(model, "train_indices", None) is None:
+        return  # an untrained model has no cells to match
     names = getattr(model, "train_obs_names_", None)
     validation = getattr(model, "validation_obs_names_", None)
     if names is None:
@@ -66,10 +68,10 @@ def match_rows_by_name(model, saved_adata: str | os.PathLike) -> None:
         except FileNotFoundError:
             warnings.warn(
                 "This model records its training cells only as row positions and its "
-                "directory holds no saved AnnData to check them against: the rows of the "
-                "AnnData passed in are taken to be the cells it was set up on, in the same "
-                "order. Save models with `save_anndata=True` (or with scvi_unlearn's SCVI, "
-                "which records cell names) to make this checkable.",
+                "directory holds no saved AnnData, so which rows it trained on cannot be "
+                "checked: the rows of the AnnData passed in are taken to be the cells it was "
+                "set up on, in the same order. Save models with `save_anndata=True` (or with "
+                "scvi_unlearn's SCVI, which records cell names) to make this checkable.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -77,7 +79,8 @@ def match_rows_by_name(model, saved_adata: str | os.PathLike) -> None:
         saved_names = saved.obs_names.copy()
         saved.file.close()
         names = saved_names[np.asarray(model.train_indices, dtype=np.int64)].tolist()
-        validation = saved_names[np.asarray(model.validation_indices, dtype=np.int64)].tolist()
+        held_out = model.validation_indices
+        validation = None if held_out is None else saved_names[np.asarray(held_out, int)].tolist()
         model.train_obs_names_ = names
         model.validation_obs_names_ = validation
     model.train_indices = _positions(model.adata, names)

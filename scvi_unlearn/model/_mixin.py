@@ -109,9 +109,10 @@ class UnlearningMixin:
             an adversarial method selected its state, so its verdict would be optimistic.
         damage_limit
             The most the held-out neg. ELBO may rise, as a share of the trained model's
-            (``1.0``: it may double), before the result is refused with an error instead of
-            returned; a non-finite ELBO is always over the limit. ``None`` returns any model
-            (with a warning when utility was lost).
+            (``1.0``: it may double), before an approximate method's result is refused with an
+            error instead of returned; a non-finite ELBO is always over the limit. ``None``
+            returns any model (with a warning when utility was lost). Exact results (a
+            retrain) are never refused: they are what the data without those cells gives.
         **method_kwargs
             Hyper-parameters of the method (see ``METHODS[method].params``), e.g. ``lambda_``,
             ``n_critics``, ``critic_lr`` for extragradient, ``alpha`` for Fisher.
@@ -234,7 +235,11 @@ class UnlearningMixin:
                 run, method, train, nonmember_info, started_at, wall_time, metrics
             )
             event["utility"] = utility_record(method, run.held_out, target.module)
-            check_damage(method, event["utility"], damage_limit)
+            # An exact result is the model without those cells, whatever its utility; only
+            # an approximate method can have destroyed what it was given.
+            produced_by = metrics.get("accepted_method", method) if metrics else method
+            if not method_spec(produced_by).exact:
+                check_damage(method, event["utility"], damage_limit)
             record(target, self, event)
             if audit:
                 # After record(), so the audit knows which members were forgotten on purpose.

@@ -22,7 +22,12 @@ from scvi.train._trainingplans import _compute_kl_weight
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
-from scvi_unlearn._validation import IndexLike, as_cell_indices, check_count_data
+from scvi_unlearn._validation import (
+    IndexLike,
+    as_cell_indices,
+    check_count_data,
+    check_not_minified,
+)
 from scvi_unlearn.audit import MembershipInference
 from scvi_unlearn.train import METHODS, HeldOutUtility, MethodSpec, UnlearningRun
 
@@ -98,13 +103,7 @@ def check_unlearnable_data(model) -> None:
     A minified AnnData (scvi-tools keeps only latent posterior parameters, its counts are
     gone) and normalised or log-transformed values would let methods run on the wrong numbers.
     """
-    minified = getattr(model, "minified_data_type", None)
-    if minified is not None:
-        raise ValueError(
-            f"The model's AnnData is minified ({minified}): it holds latent posterior "
-            "parameters, not the counts that unlearning retrains on. Load the model with the "
-            "full AnnData (`SCVI.load(dir_path, adata=full_adata)`) and unlearn that."
-        )
+    check_not_minified(model)
     layer = model.adata_manager.registry.get("setup_args", {}).get("layer")
     check_count_data(model.adata, layer)
 
