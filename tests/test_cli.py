@@ -11,6 +11,7 @@ import numpy as np
 import scvi_unlearn as su
 from scvi_unlearn import _demo
 from scvi_unlearn.cli import main
+from scvi_unlearn.model._unlearn import cells_fingerprint
 
 
 def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model, tmp_path):
@@ -40,17 +41,41 @@ def test_cli_unlearn_saves_a_model_with_provenance(saved_lab_model, tmp_path):
     provenance = json.loads((out / "unlearning_provenance.json").read_text())
     event = provenance["events"][-1]
     assert event["method"] == "finetune"
-    assert sorted(event["forgotten_obs_names"]) == sorted(expected)
+    assert event["forgotten"] == cells_fingerprint(expected)  # count and hash, no names
+    assert "forgotten_obs_names" not in provenance
     reloaded = su.model.SCVI.load(str(out), adata.copy())
     assert reloaded.provenance["events"][-1]["n_forgotten"] == expected.size
 
 
-def test_cli_unlearn_auto_is_the_default_and_lists_its_attempts(saved_lab_model, tmp_path, capsys):
+def test_cli_unlearn_default_is_exact_and_verifiable(saved_lab_model, tmp_path, capsys):
+    lab, adata, plain = saved_lab_model
+    out = tmp_path / "default"
+    args = ["--forget", "cell_type=Megakaryocyte", "--accelerator", "cpu"]
+    code = main(["unlearn", str(lab / "model"), str(lab / "data.h5ad"), *args, "--out", str(out)])
+    assert code == 0
+    assert "cells the model never trained on" in capsys.readouterr().out  # held-out utility
+    event = json.loads((out / "unlearning_provenance.json").read_text())["events"][-1]
+    assert event["method"] == "retrain_fast" and event["reproduce"]["weights_sha256"]
+    # anyone with the data re-runs it and gets the same weights, bit for bit
+    withdrawn = tmp_path / "withdrawn.txt"
+    forgotten = adata.obs_names[(adata.obs["cell_type"] == "Megakaryocyte").to_numpy()]
+    trained = set(adata.obs_names[plain.train_indices])
+    withdrawn.write_text("\n".join(n for n in forgotten if n in trained))
+    code = main(["verify", str(out), str(lab / "data.h5ad"), "--forgotten", str(withdrawn)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "VERIFIED" in printed and "NOT VERIFIED" not in printed
+    # a list that is not the recorded one: not verified, exit 1
+    withdrawn.write_text("\n".join(list(trained)[:3]))
+    code = main(["verify", str(out), str(lab / "data.h5ad"), "--forgotten", str(withdrawn)])
+    assert code == 1 and "withdrawal list" in capsys.readouterr().out
+
+
+def test_cli_unlearn_auto_lists_its_attempts(saved_lab_model, tmp_path, capsys):
     lab, _, _ = saved_lab_model
     out = tmp_path / "auto"
     code = main(
         ["unlearn", str(lab / "model"), str(lab / "data.h5ad"), "--forget",
-         "cell_type=Megakaryocyte", "--accelerator", "cpu", "--out", str(out)]
+         "cell_type=Megakaryocyte", "--method", "auto", "--accelerator", "cpu", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -58,7 +83,6 @@ def test_cli_unlearn_auto_is_the_default_and_lists_its_attempts(saved_lab_model,
     assert "method='auto' tried 1 method(s)" in printed
     assert "no approximate method tried" in printed
     assert "retrain_fast: ACCEPTED: exact" in printed
-    assert "cells the model never trained on" in printed  # the held-out utility line
     provenance = json.loads((out / "unlearning_provenance.json").read_text())
     assert provenance["events"][-1]["metrics"]["accepted_method"] == "retrain_fast"
 

@@ -455,11 +455,15 @@ class MembershipInference:
                     "cells the model never trained on."
                 )
             unseen = np.setdiff1d(m, trained)
-            # Cells an unlearned model forgot are the point of its audit, not a mistake.
-            forgotten = (getattr(model, "unlearning_provenance_", None) or {}).get(
-                "forgotten_obs_names", []
-            )
-            unseen = unseen[~self.adata.obs_names[unseen].isin(forgotten)]
+            # Cells an unlearned model forgot are the point of its audit, not a mistake. Its
+            # provenance names them only if asked to (``record_names``); otherwise up to as
+            # many cells as it forgot are taken to be those.
+            provenance = getattr(model, "unlearning_provenance_", None) or {}
+            forgotten = provenance.get("forgotten_obs_names")
+            if forgotten is not None:
+                unseen = unseen[~self.adata.obs_names[unseen].isin(forgotten)]
+            elif unseen.size <= int(provenance.get("n_forgotten", 0)):
+                unseen = unseen[:0]
             if unseen.size:
                 warnings.warn(
                     f"{unseen.size} of {m.size} `members` are not in the model's recorded "

@@ -1,5 +1,6 @@
 """User-facing models: scVI that can forget cells."""
 
+from scvi_unlearn.model._certificate import write_unlearning_certificate
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._configurations import (
     REFUSED_CONFIGURATIONS,
@@ -10,6 +11,7 @@ from scvi_unlearn.model._configurations import (
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._retrain_pool import retrain_models
 from scvi_unlearn.model._scvi import SCVI
+from scvi_unlearn.model._verify import VerificationResult, verify_unlearning
 
 __all__ = [
     "REFUSED_CONFIGURATIONS",
@@ -17,7 +19,10 @@ __all__ = [
     "SUPPORTED_CONFIGURATIONS",
     "Configuration",
     "UnlearningMixin",
+    "VerificationResult",
     "clone_model",
     "example_adata",
     "retrain_models",
+    "verify_unlearning",
+    "write_unlearning_certificate",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._unlearn import (
@@ -19,6 +20,7 @@ from scvi_unlearn.model._unlearn import (
     check_forget,
     check_int,
     check_unlearnable_data,
+    drop_forgotten_cells,
     event_record,
     final_kl_weight,
     finish,
@@ -30,7 +32,9 @@ from scvi_unlearn.model._unlearn import (
     training_cells,
     utility_record,
     weights_fingerprint,
+    without_cell_names,
 )
+from scvi_unlearn.model._verify import exact_record_inputs, reproduce_record
 from scvi_unlearn.train import (
     HeldOutUtility,
     UnlearningRun,
@@ -47,7 +51,7 @@ class UnlearningMixin:
     def unlearn(
         self,
         forget_idx: IndexLike,
-        method: str = "auto",
+        method: str = "retrain_fast",
         nonmembers: IndexLike | None = None,
         inplace: bool = False,
         seed: int = 0,
@@ -59,6 +63,7 @@ class UnlearningMixin:
         enable_progress_bar: bool = True,
         audit_kwargs: dict[str, Any] | None = None,
         damage_limit: float | None = DAMAGE_LIMIT,
+        record_names: bool = False,
         **method_kwargs: Any,
     ):
         """Forget cells the model was trained on; return the model that forgot them.
@@ -69,15 +74,16 @@ class UnlearningMixin:
             Cells to forget: integer positions, a boolean mask or obs names of ``self.adata``;
             all must be training cells of the model.
         method
-            ``"auto"`` (default): try the approximate methods of ``candidates`` cheapest first,
-            keep the first whose membership audit on development cells (against the method's
-            own reference models) finds no leak and whose held-out neg. ELBO is within
-            ``max_utility_loss`` of the trained model's; otherwise retrain exactly on a
-            ``budget`` (``"retrain_fast"``); the provenance lists every attempt. Or one of
-            :data:`scvi_unlearn.train.METHODS` by name: ``"extragradient"``,
-            ``"extragradient_calibrated"``, ``"oracle_matching"``, ``"frozen_critic"``,
-            ``"fisher"``, ``"ssd"``, ``"finetune"``, ``"gradient_ascent"``, ``"scrub"``,
-            ``"reset_relearn"``, or the exact ``"retrain_fast"`` and ``"retrain"`` (see
+            ``"retrain_fast"`` (default): exact. A fresh model trained on the retained cells
+            only, in rounds of ``budget`` (0.1) of the recipe's epochs until its held-out neg.
+            ELBO is within ``utility_tolerance`` (2%) of the trained model's or the rounds
+            reach ``max_budget`` (0.5); it never costs more than half a full retrain and its
+            record lets :func:`~scvi_unlearn.model.verify_unlearning` re-run it bit for bit.
+            Or another of :data:`scvi_unlearn.train.METHODS` by name: ``"retrain"`` (the full
+            recipe), ``"auto"`` (tries approximate ``candidates``, each gated by an audit on
+            development cells against its own reference pool, with ``retrain_fast`` as the
+            fallback; it trains that pool first, so its first request on a data set costs
+            more than ``retrain_fast``), or an approximate method (see
             :ref:`methods-unlearning`).
         nonmembers
             Cells of the same population the model never trained on (positions, mask or obs
@@ -113,6 +119,10 @@ class UnlearningMixin:
             error instead of returned; a non-finite ELBO is always over the limit. ``None``
             returns any model (with a warning when utility was lost). Exact results (a
             retrain) are never refused: they are what the data without those cells gives.
+        record_names
+            Keep the forgotten cells' names in the provenance (the lab's own withdrawal
+            record). By default the provenance holds their count and a SHA-256 fingerprint of
+            the sorted names only, so the model can be shared without naming them.
         **method_kwargs
             Hyper-parameters of the method (see ``METHODS[method].params``), e.g. ``lambda_``,
             ``n_critics``, ``critic_lr`` for extragradient, ``alpha`` for Fisher.
@@ -121,8 +131,12 @@ class UnlearningMixin:
         -------
         A model of this class whose ``train_indices`` exclude the forgotten cells and whose
         ``unlearning_provenance_`` records the run (events of chained runs accumulate);
-        ``self`` is unchanged unless ``inplace=True``. The record's ``utility`` holds the
-        held-out neg. ELBO before and after, on up to 2,000 cells the model never trained on.
+        ``self`` is unchanged unless ``inplace=True``. Nothing of a forgotten cell stays in it:
+        its AnnData is a new one without them (``X``, layers, ``obs``, ``var`` and ``obsm`` of
+        the other cells; ``obsp`` and ``uns`` are not carried over), so ``save`` and every
+        per-cell output leave them out; the user's AnnData is not modified. The record's
+        ``utility`` holds the held-out neg. ELBO before and after, on up to 2,000 cells the
+        model never trained on.
 
         Warns
         -----
@@ -164,7 +178,7 @@ class UnlearningMixin:
         hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
         seed = check_int("seed", seed, low=0)
         max_epochs = None if max_epochs is None else check_int("max_epochs", max_epochs, low=0)
-        for name, flag in (("inplace", inplace), ("audit", audit)):
+        for name, flag in (("inplace", inplace), ("audit", audit), ("record_names", record_names)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
 
@@ -189,6 +203,8 @@ class UnlearningMixin:
                 nonmember_idx = np.zeros(0, np.int64)
                 nonmember_info = {"source": None, "missing": str(err)}
 
+        source, recipe = self.adata, Recipe.from_model(self)  # the audit needs both later
+        forgotten_names = source.obs_names[forget].tolist()
         started_at = datetime.now(timezone.utc).isoformat()
         start = time.perf_counter()
         target = self if inplace else clone_model(self)
@@ -234,43 +250,58 @@ class UnlearningMixin:
             event = event_record(
                 run, method, train, nonmember_info, started_at, wall_time, metrics
             )
-            event["utility"] = utility_record(method, run.held_out, target.module)
             # An exact result is the model without those cells, whatever its utility; only
             # an approximate method can have destroyed what it was given.
             produced_by = metrics.get("accepted_method", method) if metrics else method
-            if not method_spec(produced_by).exact:
+            exact = method_spec(produced_by).exact
+            event["utility"] = utility_record(method, run.held_out, target.module, exact)
+            if not exact:
                 check_damage(method, event["utility"], damage_limit)
-            record(target, self, event)
+            drop_forgotten_cells(target, source, forget)
+            if exact:
+                name, hp, epochs, rounds = exact_record_inputs(
+                    self, metrics, method, run.hyperparameters, run.max_epochs
+                )
+                event["reproduce"] = reproduce_record(
+                    target, name, hp, epochs, seed=seed, rounds=rounds, accelerator=accelerator
+                )
+            forgotten_set = set(forgotten_names)
+            if not record_names:
+                event = without_cell_names(event, forgotten_set)
+            record(target, self, event, forgotten_names if record_names else None)
             if audit:
                 # After record(), so the audit knows which members were forgotten on purpose.
-                audit_kwargs = dict(audit_kwargs or {})
-                # Reporting non-members kept apart from those the method selected on
-                # (see :ref:`methods-protocol`).
-                audit_nonmembers = audit_kwargs.pop("nonmembers", None)
-                if audit_nonmembers is not None:
-                    audit_nonmembers = as_cell_indices(
-                        self.adata, audit_nonmembers, "audit nonmembers"
-                    )
-                audit_forget, default_nonmembers = reporting_cells(
-                    self.adata, forget, nonmember_idx, metrics
-                )
-                summary = audit_result(
-                    target,
-                    self,
-                    audit_forget,
-                    default_nonmembers if audit_nonmembers is None else audit_nonmembers,
-                    seed,
-                    accelerator,
-                    devices,
-                    enable_progress_bar,
-                    audit_kwargs,
-                )
+                summary = self._audit_unlearned(
+                    target, recipe, source, forget, nonmember_idx, metrics, seed, accelerator,
+                    devices, enable_progress_bar, audit_kwargs,
+                )  # fmt: skip
+                if not record_names:
+                    summary = without_cell_names(summary, forgotten_set)
                 target.unlearning_provenance_["events"][-1]["audit"] = summary
         except BaseException:
             if saved is not None:  # an error or an interruption: the model as it was
                 saved.restore()
             raise
         return target
+
+    @staticmethod
+    def _audit_unlearned(
+        target, recipe, source, forget, nonmember_idx, metrics, seed, accelerator, devices,
+        progress_bar, audit_kwargs,
+    ) -> dict[str, Any]:  # fmt: skip
+        """``unlearn(audit=True)``'s audit, on the cells the method did not select on."""
+        audit_kwargs = dict(audit_kwargs or {})
+        # Reporting non-members kept apart from those the method selected on
+        # (see :ref:`methods-protocol`).
+        audit_nonmembers = audit_kwargs.pop("nonmembers", None)
+        if audit_nonmembers is not None:
+            audit_nonmembers = as_cell_indices(source, audit_nonmembers, "audit nonmembers")
+        audit_forget, default_nonmembers = reporting_cells(source, forget, nonmember_idx, metrics)
+        return audit_result(
+            target, recipe, source, audit_forget,
+            default_nonmembers if audit_nonmembers is None else audit_nonmembers,
+            seed, accelerator, devices, progress_bar, audit_kwargs,
+        )  # fmt: skip
 
 
 class _Snapshot:

@@ -19,7 +19,7 @@ import scvi
 from scvi.train import TrainingPlan
 from scvi.train._trainingplans import _compute_kl_weight
 
-from scvi_unlearn._model_data import training_positions
+from scvi_unlearn._model_data import registered_adata, training_positions
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
 from scvi_unlearn._validation import (
@@ -41,16 +41,15 @@ _AUDIT_CALL_KEYS = ("reference_models", "n_bootstrap")
 def event_record(
     run: UnlearningRun, method, train, nonmember_info, started_at, wall_time, metrics
 ) -> dict[str, Any]:
-    """The provenance record of one unlearning run."""
-    obs_names = run.model.adata.obs_names
+    """The provenance record of one unlearning run (forgotten cells by count and fingerprint)."""
+    forgotten = run.model.adata.obs_names[run.forget]
     nonmembers = run.nonmembers
     return {
         "method": method,
         "hyperparameters": run.hyperparameters,
         "seed": run.seed,
         "max_epochs": run.max_epochs,
-        "forgotten_obs_names": obs_names[run.forget].tolist(),
-        "forgotten_positions": run.forget.tolist(),
+        "forgotten": cells_fingerprint(forgotten),
         "n_forgotten": int(run.forget.size),
         "n_train_before": int(train.size),
         "n_train_after": int(run.retain.size),
@@ -61,6 +60,57 @@ def event_record(
         "scvi_tools_version": scvi.__version__,
         "metrics": metrics,
     }
+
+
+def cells_fingerprint(names) -> dict[str, Any]:
+    """``{"n", "sha256"}`` of a set of cell names: the SHA-256 of the sorted names, one a line.
+
+    A lab that keeps its withdrawal list can show that a record is about exactly those cells
+    (same count, same hash); the record itself names none of them.
+    """
+    names = sorted(str(n) for n in names)
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return {"n": len(names), "sha256": digest}
+
+
+def without_cell_names(obj: Any, forgotten: set[str]) -> Any:
+    """``obj`` with every list of names that holds a forgotten cell replaced by its fingerprint.
+
+    Methods and audits record cell names (development cells, audited members); the forgotten
+    cells among them must not travel with the model, so such lists become count + SHA-256.
+    """
+    if isinstance(obj, dict):
+        return {k: without_cell_names(v, forgotten) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        if obj and all(isinstance(v, str) for v in obj) and not forgotten.isdisjoint(obj):
+            return cells_fingerprint(obj)
+        return [without_cell_names(v, forgotten) for v in obj]
+    return obj
+
+
+def retained_adata(model, source, forget: np.ndarray):
+    """A new AnnData of ``source``'s cells but ``forget``, registered with ``model``.
+
+    It carries ``X``, layers, ``obs``, ``var`` and ``obsm`` of the other cells (new objects; the
+    matrices are copies of the retained rows). ``obsp`` and ``uns`` are left out: neighbour
+    graphs and summaries were computed with the forgotten cells.
+    """
+    keep = np.setdiff1d(np.arange(source.n_obs), forget)
+    return registered_adata(model, source[keep])
+
+
+def drop_forgotten_cells(model, source, forget: np.ndarray) -> None:
+    """Point ``model`` at :func:`retained_adata`; its cell positions follow by name."""
+    names = source.obs_names
+    recorded = {
+        attr: positions(getattr(model, attr, None))
+        for attr in ("train_indices", "validation_indices", "test_indices")
+    }
+    new = retained_adata(model, source, forget)
+    model.adata = new  # scvi-tools' setter: registry and summary statistics of the new data
+    for attr, pos in recorded.items():
+        found = new.obs_names.get_indexer(names[pos])
+        setattr(model, attr, np.sort(found[found >= 0]).astype(np.int64))
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -224,25 +274,27 @@ UTILITY_WARNING = 0.05
 DAMAGE_LIMIT = 1.0
 
 
-def utility_record(method: str, held_out: HeldOutUtility, module) -> dict[str, Any]:
+def utility_record(
+    method: str, held_out: HeldOutUtility, module, exact: bool = False
+) -> dict[str, Any]:
     """The run's ``utility`` record: held-out neg. ELBO before and after; warns on a loss.
 
     Every run records it, so a method that damaged the model (a Fisher ``alpha`` too large, a
-    runaway ascent) says so in its provenance and in a warning instead of reading as done.
+    runaway ascent) says so in its provenance and in a warning instead of reading as done. An
+    exact result is never "damaged": it is the model the data without those cells gives (it
+    may be worse than the trained model, which had seen them), so it is recorded without a
+    warning.
     """
     if held_out.reference is None:
         return {"n_held_out_cells": 0, "note": "no cells outside the training set"}
     before, after = held_out.reference, held_out.of(module)
     change = after / before - 1.0
     # A diverged model (NaN or infinite ELBO) is the worst damage, not "no change".
-    damaged = not math.isfinite(change) or change > UTILITY_WARNING
+    damaged = not math.isfinite(change) or (change > UTILITY_WARNING and not exact)
     if damaged:
         remedy = (
-            "auto's exact fallback ran, so the recipe's budget is too short for these cells: "
-            "pass a larger `budget`"
-            if method == "auto"
-            else "Check the method's hyper-parameters (e.g. a smaller `alpha` for 'fisher') "
-            "or use method='auto', which rejects such a model"
+            "Check the method's hyper-parameters (e.g. a smaller `alpha` for 'fisher') "
+            "or use an exact method (method='retrain_fast')"
         )
         warnings.warn(
             f"Method '{method}' returned a model whose held-out neg. ELBO is {after:.1f} "
@@ -299,25 +351,32 @@ def finish(target, run: UnlearningRun, original) -> None:
         forgotten = set(target.adata.obs_names[run.forget])
         target.train_obs_names_ = [n for n in names if n not in forgotten]
     target.validation_indices = positions(original.validation_indices)
+    target.validation_obs_names_ = target.adata.obs_names[target.validation_indices].tolist()
     target.test_indices = positions(getattr(original, "test_indices", None))
     target.is_trained_ = True
     target.final_kl_weight_ = run.kl_weight
     target.module.eval()
 
 
-def record(target, original, event: dict[str, Any]) -> None:
-    """Append ``event`` to the provenance the original carried (chained runs accumulate)."""
+def record(target, original, event: dict[str, Any], names: list[str] | None = None) -> None:
+    """Append ``event`` to the provenance the original carried (chained runs accumulate).
+
+    ``names``: the forgotten cells' names, kept only when the user asked (``record_names``);
+    the top-level list exists only while every event recorded its names.
+    """
     previous = copy.deepcopy(getattr(original, "unlearning_provenance_", None) or {})
     events = list(previous.get("events", []))
     events.append(to_jsonable(event))
-    forgotten = list(previous.get("forgotten_obs_names", [])) + event["forgotten_obs_names"]
-    target.unlearning_provenance_ = {
+    provenance = {
         "events": events,
-        "forgotten_obs_names": forgotten,
-        "n_forgotten": len(forgotten),
+        "n_forgotten": int(previous.get("n_forgotten", 0)) + int(event["n_forgotten"]),
         "original_n_train": previous.get("original_n_train", event["n_train_before"]),
         "scvi_unlearn_version": event["scvi_unlearn_version"],
     }
+    earlier = previous.get("forgotten_obs_names")
+    if names is not None and (earlier is not None or len(events) == 1):
+        provenance["forgotten_obs_names"] = list(earlier or []) + list(names)
+    target.unlearning_provenance_ = provenance
 
 
 def reporting_cells(adata, forget, nonmembers, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -337,10 +396,14 @@ def reporting_cells(adata, forget, nonmembers, metrics: dict) -> tuple[np.ndarra
 
 
 def audit_result(
-    target, original, forget, nonmembers, seed, accelerator, devices, progress_bar, audit_kwargs
-) -> dict[str, Any]:
-    """Membership-inference audit of the unlearned model: forget cells vs non-members."""
-    recipe = Recipe.from_model(original)
+    target, recipe, adata, forget, nonmembers, seed, accelerator, devices, progress_bar,
+    audit_kwargs,
+) -> dict[str, Any]:  # fmt: skip
+    """Membership-inference audit of the unlearned model: forget cells vs non-members.
+
+    ``recipe`` is the original model's, ``adata`` the data it was trained on (forget cells
+    included: the audit scores them).
+    """
     split = dict(recipe.train_kwargs.get("datasplitter_kwargs") or {})
     split.pop("external_indexing", None)  # positions of the original data, not a recipe
     recipe.train_kwargs["datasplitter_kwargs"] = split
@@ -349,7 +412,7 @@ def audit_result(
     kwargs = dict(audit_kwargs)
     call = {k: kwargs.pop(k) for k in _AUDIT_CALL_KEYS if k in kwargs}
     mi = MembershipInference(
-        original.adata,
+        adata,
         recipe=recipe,
         seed=seed,
         accelerator=accelerator,

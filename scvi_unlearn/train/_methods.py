@@ -27,6 +27,7 @@ from scvi_unlearn.train._auto import AUTO_BUDGET, AUTO_CANDIDATES, run_auto
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
 from scvi_unlearn.train._common import (
     gather_tensors,
+    last_kl_weight,
     logged_history,
     make_data_splitter,
     run_plan,
@@ -77,6 +78,9 @@ class UnlearningRun:
     held_out
         Held-out cells and the trained model's neg. ELBO on them, measured before the method
         runs (``unlearn()`` sets it; ``method="auto"`` gates on it).
+    replay_rounds
+        For ``retrain_fast``: run exactly this many rounds instead of deciding on held-out
+        cells (how :func:`~scvi_unlearn.model.verify_unlearning` re-runs a recorded result).
     """
 
     model: Any
@@ -93,6 +97,7 @@ class UnlearningRun:
     kl_weight: float = 1.0
     method: str = ""
     held_out: HeldOutUtility | None = None
+    replay_rounds: int | None = None
 
     @property
     def rng(self) -> np.random.Generator:
@@ -497,10 +502,17 @@ def _retained_data(run: UnlearningRun):
     Returns the AnnData and the positions in it of the retained (train) and validation cells.
     """
     model = run.model
+    names = model.adata.obs_names
     pool = np.union1d(run.retain, run.validation).astype(np.int64)
+    # Cells in obs-name order: the same cells give the same minibatches (and the same weights)
+    # in whatever order an AnnData holds them, which a re-run from the record relies on.
+    pool = pool[np.argsort(names[pool].to_numpy(dtype=str), kind="stable")]
     data = model.adata[pool].copy()  # scvi-tools registers into it: never the user's object
     _keep_categories(data, model)
-    return data, np.searchsorted(pool, run.retain), np.searchsorted(pool, run.validation)
+    order = pd.Index(names[pool])
+    train_pos = np.sort(order.get_indexer(names[run.retain]))
+    val_pos = np.sort(order.get_indexer(names[run.validation]))
+    return data, train_pos, val_pos
 
 
 def _load_fresh(run: UnlearningRun, fitted) -> None:
@@ -533,13 +545,19 @@ def _run_retrain(run: UnlearningRun) -> dict[str, Any]:
 
 
 def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
-    """Exact unlearning on a budget: fresh weights, retained cells, one-cycle schedule."""
+    """Exact unlearning on an adaptive budget: fresh weights, retained cells, one-cycle rounds.
+
+    A first round of ``budget`` of the recipe's epochs; while the held-out neg. ELBO is more
+    than ``utility_tolerance`` worse than the trained model's and the rounds so far stay below
+    ``max_budget``, another round of the same length continues from the weights reached (still
+    only retained cells, so still exact).
+    """
     hp = run.hyperparameters
     recipe = Recipe.from_model(run.model)
     full_epochs = int(recipe.train_kwargs.get("max_epochs") or run.max_epochs)
     epochs = run.max_epochs
     plan_kwargs = dict(recipe.train_kwargs.get("plan_kwargs") or {})
-    # The KL warm-up keeps its place relative to training: the budgeted run ends at the same
+    # The KL warm-up keeps its place relative to training: the first round ends at the same
     # KL weight as the full recipe (scVI's default warm-up, 400 epochs, scales too).
     warmup = plan_kwargs.get(
         "n_epochs_kl_warmup", plan_defaults(TrainingPlan)["n_epochs_kl_warmup"]
@@ -553,7 +571,6 @@ def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
     warm = _warm_start(run, hp["init_from"], data, fresh) if hp["init_from"] else {}
     batch_size = int(recipe.train_kwargs.get("batch_size") or hp["batch_size"])
     splitter = make_data_splitter(fresh, train_pos, val_pos, batch_size=batch_size)
-    plan = FastRetrainPlan(fresh.module, peak_lr=peak_lr, pct_start=hp["pct_start"], **plan_kwargs)
     stopping = {}
     if hp["early_stopping"] and val_pos.size:
         stopping = {
@@ -561,23 +578,45 @@ def _run_retrain_fast(run: UnlearningRun) -> dict[str, Any]:
             "early_stopping_monitor": "elbo_validation",
             "early_stopping_patience": max(3, epochs // 5),
         }
-    runner = run_plan(
-        fresh,
-        plan,
-        splitter,
-        epochs,
-        accelerator=run.accelerator,
-        devices=run.devices,
-        enable_progress_bar=run.enable_progress_bar,
-        **stopping,
-    )
+    held_out = run.held_out
+    target = None if held_out is None else held_out.reference
+    first_warmup = plan_kwargs.get("n_epochs_kl_warmup")
+    max_rounds = max(1, int(hp["max_budget"] * full_epochs // max(epochs, 1)))
+    rounds: list[dict[str, Any]] = []
+    epochs_run = 0
+    while True:
+        plan = FastRetrainPlan(
+            fresh.module, peak_lr=peak_lr, pct_start=hp["pct_start"], **plan_kwargs
+        )
+        runner = run_plan(
+            fresh, plan, splitter, epochs, accelerator=run.accelerator, devices=run.devices,
+            enable_progress_bar=run.enable_progress_bar, **stopping,
+        )  # fmt: skip
+        epochs_run += int(runner.trainer.current_epoch)
+        if run.replay_rounds is not None:
+            rounds.append({"epochs": int(runner.trainer.current_epoch), "utility_change": None})
+            if len(rounds) >= run.replay_rounds:
+                break
+        else:
+            change = None if target is None else held_out.of(fresh.module) / target - 1.0
+            rounds.append({"epochs": int(runner.trainer.current_epoch), "utility_change": change})
+            if change is None or change <= hp["utility_tolerance"] or len(rounds) >= max_rounds:
+                break
+        # The next round continues at the KL weight this one ended at.
+        end_weight = last_kl_weight(plan)
+        plan_kwargs.update(
+            n_epochs_kl_warmup=None, n_steps_kl_warmup=None,
+            max_kl_weight=end_weight, min_kl_weight=end_weight,
+        )  # fmt: skip
     _load_fresh(run, fresh)
     return {
         "budget": epochs / full_epochs,
+        "budget_used": epochs_run / full_epochs,
         "full_epochs": full_epochs,
-        "epochs_run": int(runner.trainer.current_epoch),
+        "epochs_run": epochs_run,
+        "rounds": rounds,
         "peak_lr": peak_lr,
-        "n_epochs_kl_warmup": plan_kwargs.get("n_epochs_kl_warmup"),
+        "n_epochs_kl_warmup": first_warmup,
         "early_stopping": bool(stopping),
         "n_train": int(run.retain.size),
         "n_validation": int(val_pos.size),
@@ -598,10 +637,17 @@ def cells_ever_seen(model) -> set[str] | None:
     if names is None:
         return None
     seen = set(names)
-    for event in (getattr(model, "unlearning_provenance_", None) or {}).get("events", []):
-        accepted = (event.get("metrics") or {}).get("accepted_method")
-        if event.get("method") not in _EXACT_METHODS and accepted not in _EXACT_METHODS:
-            seen.update(event.get("forgotten_obs_names", []))
+    provenance = getattr(model, "unlearning_provenance_", None) or {}
+    approximate = [
+        event
+        for event in provenance.get("events", [])
+        if event.get("method") not in _EXACT_METHODS
+        and (event.get("metrics") or {}).get("accepted_method") not in _EXACT_METHODS
+    ]
+    if approximate and provenance.get("forgotten_obs_names") is None:
+        return None  # an approximate removal of cells it does not name: unknown
+    if approximate:
+        seen.update(provenance["forgotten_obs_names"])
     return seen
 
 
@@ -617,13 +663,26 @@ def _warm_start(run: UnlearningRun, path: str, data, fresh) -> dict[str, Any]:
     seen = cells_ever_seen(start)
     if seen is None:
         raise ValueError(
-            f"The warm-start model at {path!r} does not record its training cells "
-            "(`train_obs_names_`), so nothing shows that it never saw the forget cells. Train "
-            "it with scvi_unlearn.model.SCVI (which records them) or drop `init_from`."
+            f"The warm-start model at {path!r} does not record every cell it saw (its "
+            "`train_obs_names_`, and the names of cells an approximate method removed from it), "
+            "so nothing shows that it never saw the forget cells. Train it with "
+            "scvi_unlearn.model.SCVI (which records them) or drop `init_from`."
         )
     names = run.model.adata.obs_names
     provenance = getattr(run.model, "unlearning_provenance_", None) or {}
-    forbidden = set(names[run.forget]) | set(provenance.get("forgotten_obs_names", []))
+    earlier = provenance.get("forgotten_obs_names")
+    if earlier is None and provenance.get("events"):
+        # Cells forgotten before are recorded by fingerprint only and are no longer in this
+        # model's data: a start model that saw cells outside it might have seen them.
+        outside = sorted(seen - set(names))
+        if outside:
+            raise ValueError(
+                f"The warm-start model at {path!r} trained on {len(outside)} cells outside this "
+                "model's data, and the cells this model forgot earlier are recorded without "
+                "names, so nothing shows they are not among them. Unlearn with "
+                "`record_names=True`, or drop `init_from`."
+            )
+    forbidden = set(names[run.forget]) | set(earlier or [])
     overlap = sorted(seen & forbidden)
     if overlap:
         raise ValueError(
@@ -803,13 +862,33 @@ METHODS: dict[str, MethodSpec] = {
         "retrain_fast",
         {
             "budget": Param(
-                0.25, "float", low=0, high=1, low_open=True, doc="share of the recipe's epochs"
+                0.1,
+                "float",
+                low=0,
+                high=1,
+                low_open=True,
+                doc="share of the recipe's epochs in each round",
             ),
             "peak_lr": Param(
                 None, "float", low=0, low_open=True, allow_none=True, doc="default: 3x recipe lr"
             ),
             "pct_start": Param(kind="float", low=0, high=1, low_open=True, high_open=True),
             "early_stopping": Param(True, "bool", doc="on the retained validation ELBO"),
+            "max_budget": Param(
+                0.5,
+                "float",
+                low=0,
+                high=1,
+                low_open=True,
+                doc="most epochs of all rounds together, a share of the recipe's",
+            ),
+            "utility_tolerance": Param(
+                0.02,
+                "float",
+                low=0,
+                doc="another round while the held-out neg. ELBO is this much worse than the "
+                "trained model's",
+            ),
             "batch_size": Param(128, "int", low=1, doc="used when the recipe names none"),
             "init_from": Param(
                 None,

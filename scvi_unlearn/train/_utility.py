@@ -22,7 +22,11 @@ def mean_neg_elbo(module: torch.nn.Module, tensors, chunk_size: int = 1024) -> f
     """Mean per-cell negative ELBO (posterior mean, eval mode) of ``module`` on ``tensors``."""
     total, count = 0.0, 0
     device = next(module.parameters()).device  # a model trained on a GPU stays there
-    with eval_mode(module):
+    # scVI's inference draws samples it does not need here; a forked generator keeps the
+    # check from shifting the random stream of the training that follows it (a re-run from
+    # the record, which makes no such check, must see the same stream).
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), eval_mode(module):
         for chunk in iter_chunks(tensors, chunk_size):
             values = per_cell_loss_terms(module, to_device(chunk, device))["neg_elbo"]
             total += float(values.double().sum())
