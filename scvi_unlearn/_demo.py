@@ -56,8 +56,9 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     record (``verify``). One table is printed; ``demo_summary.json`` / ``.csv``, the audit
     reports and the certificate are written to ``out_dir``.
 
-    Returns a dict with the ``summary`` rows, the baseline :class:`~scvi_unlearn.AuditReport`
-    and the :class:`~scvi_unlearn.model.VerificationResult` of the default.
+    Returns a dict with the ``summary`` rows, the baseline :class:`~scvi_unlearn.AuditReport`,
+    the :class:`~scvi_unlearn.model.VerificationResult` of the default, the split and the
+    trained model.
     """
     from scvi_unlearn.model import verify_unlearning, write_unlearning_certificate
 
@@ -101,10 +102,17 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
             damage_limit=None,  # a method that destroys the model is shown, not skipped
         )  # fmt: skip
         seconds = time.perf_counter() - start
-        rep = mi.audit(forgotten, members=split.forget, nonmembers=split.nonmember)
-        rep.to_json(str(out / f"audit_{method}.json"))
         forgotten.save(str(out / f"model_{method}"), overwrite=True)
         name = f"{method} (default)" if method == DEMO_METHODS[0] else method
+        try:
+            rep = mi.audit(forgotten, members=split.forget, nonmembers=split.nonmember)
+        except ValueError as err:  # diverged weights cannot be audited: a result too
+            rows.append({
+                "model": name, "verdict": "not audited", "overall": "model destroyed",
+                "seconds": round(seconds, 1), "ran": method, "error": str(err),
+            })  # fmt: skip
+            continue
+        rep.to_json(str(out / f"audit_{method}.json"))
         rows.append(
             _row(name, rep, seconds, utility_metrics(forgotten, adata, indices=background))
         )
@@ -126,11 +134,14 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     )  # fmt: skip
     columns = ["model", "lira_auc", "verdict", "utility_vs_retrain", "overall", "seconds"]
     print()
-    print(summary[columns].to_string(index=False))
+    print(summary.reindex(columns=columns).fillna("").to_string(index=False))
     print(f"\nBefore unlearning the audit detected the rare cells: {report.verdict}.")
     print(f"verify (re-run of the default from its record): {repr(verification).splitlines()[0]}")
     print(f"Wrote {out / 'demo_summary.json'}, {certificate} and the audit reports.")
-    return {"summary": rows, "report": report, "verification": verification, "split": split}
+    return {
+        "summary": rows, "report": report, "verification": verification, "split": split,
+        "model": model,
+    }  # fmt: skip
 
 
 def _add_overall(rows: list[dict[str, Any]]) -> None:
@@ -142,6 +153,8 @@ def _add_overall(rows: list[dict[str, Any]]) -> None:
     reference = next(r["heldout_neg_elbo"] for r in rows if r["model"] == "retrain")
     # (the full retrain: the exact gold standard every row's utility is compared with)
     for r in rows:
+        if "heldout_neg_elbo" not in r:  # not audited (destroyed): its row says so already
+            continue
         loss = r["heldout_neg_elbo"] / reference - 1.0
         r["utility_vs_retrain"] = f"{100 * loss:+.1f}%"
         r["overall"] = (

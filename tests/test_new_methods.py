@@ -52,7 +52,8 @@ def test_retrain_fast_never_sees_a_forget_cell_and_forgets(forget_case, monkeypa
     assert set(seen["train"]) == set(retained)
     event = out.provenance["events"][-1]
     full = model.train_kwargs_["max_epochs"]
-    assert event["max_epochs"] == int(np.ceil(0.25 * full))
+    budget = su.train.METHODS["retrain_fast"].params["budget"].default
+    assert event["max_epochs"] == int(np.ceil(budget * full))
     assert event["metrics"]["budget"] == pytest.approx(event["max_epochs"] / full)
     # scVI's 400-epoch default warm-up scaled with the budget
     assert event["metrics"]["n_epochs_kl_warmup"] == round(400 * event["max_epochs"] / full)

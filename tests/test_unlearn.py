@@ -245,7 +245,8 @@ def test_provenance_and_train_indices(setting, extragradient):
     event = prov["events"][-1]
     assert event["method"] == "extragradient"
     assert event["forgotten"] == cells_fingerprint(adata.obs_names[split.forget])
-    assert "forgotten_obs_names" not in event and "forgotten_obs_names" not in prov
+    # the fixture asked for the names (record_names=True); by default only the fingerprint
+    assert prov["forgotten_obs_names"] == adata.obs_names[split.forget].tolist()
     assert event["n_forgotten"] == split.forget.size
     assert event["n_train_before"] == split.train.size
     assert event["hyperparameters"]["lambda_"] == 10.0
@@ -524,7 +525,7 @@ def test_bad_nonmembers(setting):
     with pytest.raises(ValueError, match="training cells of the model"):
         model.unlearn(split.forget, nonmembers=split.retain[:5])
     with pytest.raises(KeyError, match="population_key"):
-        model.unlearn(split.forget, population_key="no_such_column")
+        model.unlearn(split.forget, method="extragradient", population_key="no_such_column")
 
 
 def test_untrained_model_and_missing_nonmembers():

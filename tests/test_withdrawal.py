@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import scvi
+import torch
 
 import scvi_unlearn as su
+from scvi_unlearn import cli
 from scvi_unlearn.model._unlearn import cells_fingerprint
 
 if TYPE_CHECKING:
@@ -117,3 +121,100 @@ def test_record_names_keeps_the_withdrawal_list(lab):
     assert again.provenance["n_forgotten"] == 8
     with pytest.raises(TypeError, match="record_names"):
         model.unlearn(forget, method="retrain_fast", record_names="yes")
+
+
+# -- a proof anyone can re-run -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exact_result(lab, tmp_path_factory):
+    """The lab model unlearned by the default (exact) method, saved with its AnnData."""
+    out = lab["model"].unlearn(lab["forget"], accelerator="cpu", enable_progress_bar=False)
+    folder = tmp_path_factory.mktemp("exact") / "model"
+    out.save(str(folder), save_anndata=True)
+    return out, folder
+
+
+def test_the_default_is_exact_and_verifies_bit_for_bit(lab, exact_result):
+    adata, forget = lab["adata"], lab["forget"]
+    out, folder = exact_result
+    event = out.provenance["events"][-1]
+    assert event["method"] == "retrain_fast" and event["reproduce"]["seed"] == 0
+    withdrawn = adata.obs_names[forget].tolist()
+    # the lab's data with rows in another order: matched by name, re-run, same weights
+    shuffled = adata[np.random.default_rng(3).permutation(adata.n_obs)].copy()
+    result = su.model.verify_unlearning(str(folder), shuffled, forgotten=withdrawn)
+    assert result.verified and result.weights_match and result.model_matches_record
+    assert result.forgotten_in_training == 0 and not result.problems
+    # the data without the forgotten cells is enough
+    result = su.model.verify_unlearning(
+        str(folder), adata[~adata.obs_names.isin(withdrawn)].copy()
+    )
+    assert result.verified
+
+
+def test_verify_names_the_input_that_differs(lab, exact_result, tmp_path):
+    adata = lab["adata"]
+    out, folder = exact_result
+    # counts changed in one retained cell
+    changed = adata.copy()
+    cell = changed.obs_names.get_loc(out.train_obs_names_[0])
+    counts = changed.X.toarray() if hasattr(changed.X, "toarray") else changed.X.copy()
+    counts[cell, 0] += 5
+    changed.X = counts
+    result = su.model.verify_unlearning(str(folder), changed)
+    assert not result.verified and result.inputs["counts"] is False
+    assert any("counts" in p for p in result.problems) and result.weights_match is None
+    # retained cells missing from the data
+    missing = adata[~adata.obs_names.isin(out.train_obs_names_[:4])].copy()
+    result = su.model.verify_unlearning(str(folder), missing)
+    assert not result.verified and any("4 of the" in p for p in result.problems)
+    # a withdrawal list that is not the recorded one
+    result = su.model.verify_unlearning(str(folder), adata, forgotten=out.train_obs_names_[:3])
+    assert not result.verified and result.forgotten_in_training == 3
+    # weights changed after unlearning (a tampered, still loadable model.pt)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    loaded = su.model.SCVI.load(str(tampered))
+    with torch.no_grad():
+        next(loaded.module.parameters()).add_(1e-3)
+    loaded.save(str(tampered), overwrite=True, save_anndata=True)
+    result = su.model.verify_unlearning(str(tampered), adata)
+    assert not result.model_matches_record and not result.verified
+    # other genes: refused before anything runs
+    other = adata.copy()
+    other.var_names = [f"g{i}" for i in range(other.n_vars)]
+    with pytest.raises(ValueError, match="genes do not match"):
+        su.model.verify_unlearning(str(folder), other)
+
+
+def test_verify_refuses_what_it_cannot_re_run(lab, tmp_path):
+    model, forget = lab["model"], lab["forget"]
+    approximate = model.unlearn(forget, method="finetune", max_epochs=1, accelerator="cpu",
+                                enable_progress_bar=False)  # fmt: skip
+    with pytest.raises(ValueError, match="not exact"):
+        su.model.verify_unlearning(approximate)
+    with pytest.raises(ValueError, match="not unlearned"):
+        su.model.verify_unlearning(model)
+    with pytest.raises(ValueError, match="list of obs names"):
+        exact = model.unlearn(forget[:3], accelerator="cpu", enable_progress_bar=False)
+        su.model.verify_unlearning(exact, forgotten=np.arange(3))
+    # the CLI: one line, exit 2, nothing written
+    approximate.save(str(tmp_path / "approx"), save_anndata=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = cli.main(["verify", str(tmp_path / "approx"), str(tmp_path / "approx" / "adata.h5ad")])
+    assert code == 2 and sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_unlearning_certificate_names_no_cell_and_renders(lab, exact_result, tmp_path):
+    from test_certificate import CHROMIUM, render
+
+    adata, forget = lab["adata"], lab["forget"]
+    out, folder = exact_result
+    result = su.model.verify_unlearning(str(folder), adata)
+    path = su.model.write_unlearning_certificate(out, tmp_path / "c.html", verification=result)
+    text = path.read_text()
+    assert "bit-identical" in text and out.provenance["events"][-1]["forgotten"]["sha256"] in text
+    assert not [n for n in adata.obs_names[forget] if n in text]
+    assert "<script>alert" not in text
+    if CHROMIUM is not None or os.environ.get("CI"):
+        dom = render(path)
+        assert "Unlearning certificate" in dom and "re-run from the record" in dom
