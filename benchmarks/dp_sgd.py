@@ -174,7 +174,9 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
         )
         print(f"retrain seed {s}: {retrains[-1][1]:.0f} s")
     retrain_s = float(np.mean([t for _, t in retrains]))
-    elbos = [su.utility.utility_metrics(m, indices=background)["neg_elbo"] for m, _ in retrains]
+    elbos = [
+        su.utility.utility_metrics(m, adata, indices=background)["neg_elbo"] for m, _ in retrains
+    ]
     retrain_elbo = float(np.mean(elbos))
     results = [audit(m)[0] for m, _ in retrains]
     band = su.audit.reference_band([r.auc for r in results], [r.auc_ci for r in results])
@@ -184,7 +186,7 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
         lira, loss = audit(model)
         detectable = su.audit.detectable_auc(forget.size, nonmember.size, band[1])
         verdict = su.audit.judge(lira.auc_ci, band, detectable)
-        elbo = su.utility.utility_metrics(model, indices=background)["neg_elbo"]
+        elbo = su.utility.utility_metrics(model, adata, indices=background)["neg_elbo"]
         record = {
             "forget": forget_type, "model": name, "seed": seed, "lira_auc": lira.auc,
             "lira_low": lira.auc_ci[0], "lira_high": lira.auc_ci[1], "band_low": band[0],

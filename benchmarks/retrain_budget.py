@@ -58,8 +58,9 @@ def make_split(adata, forget: str, seed: int):
     return su.data.membership_split(adata, population, holdout_fraction=0.5, seed=seed)
 
 
-def utility(model, cells) -> dict:
-    u = su.utility.utility_metrics(model, indices=cells, labels_key="cell_type")
+def utility(model, cells, adata) -> dict:
+    """Utility on ``cells`` of ``adata`` (an unlearned model's AnnData lacks the forget cells)."""
+    u = su.utility.utility_metrics(model, adata, indices=cells, labels_key="cell_type")
     return {k: u[k] for k in ("neg_elbo", "kl", "knn_accuracy")}
 
 
@@ -81,7 +82,7 @@ def run(forget: str, adata, args) -> list[dict]:
             "budget": 1.0,
             "seed": args.seed,
             "seconds": time.perf_counter() - t0,
-            **utility(target, background),
+            **utility(target, background, adata),
         }
     ]
     print(rows[-1], flush=True)
@@ -108,7 +109,7 @@ def run(forget: str, adata, args) -> list[dict]:
                     "seed": seed,
                     "epochs": event["max_epochs"],
                     "seconds": seconds,
-                    **utility(model, background),
+                    **utility(model, background, adata),
                 }
             )
             print(rows[-1], flush=True)

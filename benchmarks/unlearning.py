@@ -147,7 +147,9 @@ def select_fisher_alpha(target, split, select, ref, unlearn_kwargs) -> dict:
         )
         seconds = time.perf_counter() - t0
         auc = select["audit"](model).results["lira_online"].auc
-        elbo = su.utility.utility_metrics(model, indices=select["background"])["neg_elbo"]
+        elbo = su.utility.utility_metrics(model, target.adata, indices=select["background"])[
+            "neg_elbo"
+        ]
         trials.append(
             {"alpha": alpha, "selection_auc": auc, "selection_neg_elbo": elbo, "wall_s": seconds}
         )
@@ -237,14 +239,17 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         ),
         "neg_elbo": float(
             np.mean(
-                [su.utility.utility_metrics(m, indices=bg_sel)["neg_elbo"] for m, _ in retrains]
+                [
+                    su.utility.utility_metrics(m, adata, indices=bg_sel)["neg_elbo"]
+                    for m, _ in retrains
+                ]
             )
         ),
     }
 
     def row(name, seed, model, report, seconds, hp=None):
         lira, loss = report.results["lira_online"], report.results["loss"]
-        u = su.utility.utility_metrics(model, indices=bg_rep)
+        u = su.utility.utility_metrics(model, adata, indices=bg_rep)
         return {
             "dataset": dataset,
             "forget": forget_type,

@@ -14,6 +14,7 @@ import pandas as pd
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.audit import MembershipInference, overall_result
 from scvi_unlearn.data import membership_split, synthetic_pbmc
+from scvi_unlearn.model import verify_unlearning, write_unlearning_certificate
 from scvi_unlearn.utility import utility_metrics
 
 #: Demo sizes. ``quick``: 65 + 65 rare cells to audit, 4 shadows; ``benchmarks/demo_time.py``
@@ -60,8 +61,6 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     the :class:`~scvi_unlearn.model.VerificationResult` of the default, the split and the
     trained model.
     """
-    from scvi_unlearn.model import verify_unlearning, write_unlearning_certificate
-
     matplotlib.use("Agg")
     settings = DEMO_SETTINGS["quick" if quick else "full"]
     out = Path(out_dir)

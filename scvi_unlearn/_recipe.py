@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scvi
 from scvi.dataloaders._data_splitting import validate_data_split
+from scvi.train import TrainingPlan
 
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn._validation import as_cell_indices
@@ -295,8 +296,6 @@ def _infer_train_kwargs(model) -> dict[str, Any]:
 
 def _plan_settings(plan) -> dict[str, Any]:
     """The arguments of a fitted scvi-tools ``TrainingPlan`` that differ from its defaults."""
-    from scvi.train import TrainingPlan
-
     defaults = inspect.signature(TrainingPlan.__init__).parameters
     settings = {}
     for name in _PLAN_SETTINGS:

@@ -27,7 +27,7 @@ PACKAGE = Path(su.__file__).resolve().parent
 LAZY_ALLOWED = {"matplotlib", "scanpy", "ray", "opacus"}
 #: Lower layers first: a module may import only from its own layer or a lower one.
 LAYERS = [
-    {"_utils", "_validation", "_verdict", "_executor"},
+    {"_utils", "_validation", "_verdict", "_executor", "_io"},
     {"_model_data", "module", "data", "_recipe", "pl"},
     {"audit"},
     {"train", "utility"},

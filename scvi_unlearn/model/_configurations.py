@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from scvi_unlearn.data import synthetic_pbmc
+
 
 @dataclass(frozen=True)
 class Configuration:
@@ -103,8 +105,6 @@ def example_adata(n_cells: int = 160, seed: int = 0):
     category), ``pct_mito`` (a random number), ``rare_batch`` and ``rare_label`` (two cells
     in a level of their own) and a ``counts`` layer.
     """
-    from scvi_unlearn.data import synthetic_pbmc
-
     adata = synthetic_pbmc(n_cells=n_cells, n_genes=40, seed=seed)
     rng = np.random.default_rng(seed)
     adata.layers["counts"] = adata.X.copy()

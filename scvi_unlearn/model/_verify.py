@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scvi_unlearn._recipe import resolve_model_class
 from scvi_unlearn._validation import as_cell_indices
+from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._unlearn import cells_fingerprint, positions, weights_fingerprint
 from scvi_unlearn.train import METHODS, UnlearningRun, resolve_epochs, seed_everything
 
@@ -176,11 +178,8 @@ def verify_unlearning(model, adata: AnnData | None = None, forgotten=None,
         If the model carries no reproducible record (an approximate method, a plain scVI, a
         warm start from a file), or ``forgotten`` is not a list of names.
     """
-    from scvi_unlearn.model._clone import clone_model
-    from scvi_unlearn.model._scvi import SCVI
-
     if isinstance(model, str | bytes) or hasattr(model, "__fspath__"):
-        model = SCVI.load(str(model), adata)
+        model = resolve_model_class("SCVI").load(str(model), adata)
     elif adata is not None and adata is not model.adata:
         raise ValueError(
             "Pass a saved model directory together with `adata`, or an in-memory model alone "
