@@ -61,8 +61,8 @@ def test_auto_on_a_plain_model_never_crashes_and_says_why_it_retrained(tmp_path,
 
     def unlearn():
         return model.unlearn(
-            train[:100], nonmembers=val, seed=0, accelerator="cpu", enable_progress_bar=False,
-            reference_cache_dir=str(tmp_path),
+            train[:100], method="auto", nonmembers=val, seed=0, accelerator="cpu",
+            enable_progress_bar=False, reference_cache_dir=str(tmp_path),
         )  # fmt: skip
 
     with warnings.catch_warnings():

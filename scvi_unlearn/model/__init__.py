@@ -11,6 +11,7 @@ from scvi_unlearn.model._configurations import (
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._retrain_pool import retrain_models
 from scvi_unlearn.model._scvi import SCVI
+from scvi_unlearn.model._unlearn import cells_fingerprint
 from scvi_unlearn.model._verify import VerificationResult, verify_unlearning
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Configuration",
     "UnlearningMixin",
     "VerificationResult",
+    "cells_fingerprint",
     "clone_model",
     "example_adata",
     "retrain_models",

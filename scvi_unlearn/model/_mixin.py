@@ -159,10 +159,9 @@ class UnlearningMixin:
         >>> recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 3})
         >>> model = recipe.fit_cells(adata, list(range(100)), accelerator="cpu",
         ...                          enable_progress_bar=False)
-        >>> forgotten = model.unlearn([0, 1, 2], method="fisher", accelerator="cpu",
-        ...                           enable_progress_bar=False)
+        >>> forgotten = model.unlearn([0, 1, 2], accelerator="cpu", enable_progress_bar=False)
         >>> forgotten.provenance["events"][-1]["method"], len(forgotten.train_indices)
-        ('fisher', 97)
+        ('retrain_fast', 97)
         >>> len(model.train_indices)  # the original is untouched
         100
         """

@@ -30,8 +30,8 @@ def retrain_models(
 
     Each is ``model.unlearn(forget, method=method, seed=seed, **unlearn_kwargs)``; on a local
     process pool or Ray the model travels to the workers once and each retrain comes back
-    whole (weights, cells, provenance), the same as in this process for the same seed and
-    torch threads per task.
+    whole (weights, its own AnnData of the retained cells, provenance), usable in this process
+    and the same as a retrain here for the same seed and torch threads per task.
 
     Parameters
     ----------
@@ -72,7 +72,7 @@ def retrain_models(
 
     def deliver(i: int, result: dict) -> None:
         # runs in this process for every task, before map() returns
-        attach_to_callers_adata(result["model"], model)
+        register_in_this_process(result["model"], result["manager"])
         if on_model is not None:
             on_model(seeds[i], result["model"], result["seconds"])
 
@@ -81,20 +81,6 @@ def retrain_models(
         description="Retraining",
     )  # fmt: skip
     return [r["model"] for r in results]
-
-
-def attach_to_callers_adata(retrained: SCVI, original: SCVI) -> SCVI:
-    """Point a retrained model at the caller's AnnData, registered in this process.
-
-    A model sent back by a worker process carries a pickled copy of the AnnData whose
-    AnnDataManager is registered only in that worker, so scvi-tools' data loaders refuse it here
-    ("AnnDataManager not found"). The copy has the same scvi-tools UUID as the caller's AnnData,
-    so the original model's manager serves the retrained one too, and the copy is dropped.
-    """
-    if retrained.adata is not original.adata:
-        retrained._register_manager_for_instance(original.adata_manager)
-        retrained.adata = original.adata
-    return retrained
 
 
 def register_in_this_process(model: SCVI, manager) -> SCVI:
@@ -116,4 +102,9 @@ def retrain_one(shared: dict, seed: int) -> dict:
     retrained = model.unlearn(
         shared["forget"], method=shared["method"], seed=seed, **shared["kwargs"]
     )
-    return {"model": retrained, "seconds": time.perf_counter() - start}
+    # Its own AnnData (the retained cells only) travels with its manager, as the input did.
+    return {
+        "model": retrained,
+        "manager": retrained.adata_manager,
+        "seconds": time.perf_counter() - start,
+    }

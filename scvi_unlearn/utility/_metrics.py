@@ -102,7 +102,9 @@ def compare_utility(
     ...                         enable_progress_bar=False)
     >>> retrained = base.unlearn([0, 1], method="retrain", accelerator="cpu",
     ...                          enable_progress_bar=False)
-    >>> table = compare_utility({"baseline": base, "retrain": retrained}, indices=range(100, 120))
+    >>> table = compare_utility(
+    ...     {"baseline": base, "retrain": retrained}, adata, indices=range(100, 120)
+    ... )
     >>> table.index.tolist(), "knn_accuracy" in table.columns
     (['baseline', 'retrain'], True)
     """
