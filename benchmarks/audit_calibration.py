@@ -1,6 +1,6 @@
 r"""Audit calibration: power against the number of shadow models, and false leaks on null audits.
 
-Two questions about :class:`scvi_unlearn.MembershipInference` (issue 10, items 3 and 5):
+Two questions about :class:`scvi_unlearn.MembershipInference`:
 how many shadow (reference) models does each attack need, and how often does an audit call
 "leak" when the audited cells are *not* training cells?
 

@@ -1,4 +1,4 @@
-"""Benchmark: is a DP-SGD-trained scVI already "unlearned"? (issue 13)
+"""Benchmark: is a DP-SGD-trained scVI already "unlearned"?
 
 A model trained with DP-SGD bounds what any one cell changes; if the bound is tight enough, a
 membership audit of the forget cells should find them no more member-like than a model retrained
@@ -252,7 +252,7 @@ def forgotten(part: pd.DataFrame) -> pd.Series:
 def report(out: Path, cells: list[dict]) -> None:
     """results.json / results.md: every seed's row and a summary per forget set and model."""
     dump_json(cells, str(out / "results.json"))
-    text = ["# DP-SGD scVI vs exact retraining (issue 13)", ""]
+    text = ["# DP-SGD scVI vs exact retraining", ""]
     summary = []
     for cell in cells:
         frame = pd.DataFrame(cell["rows"])

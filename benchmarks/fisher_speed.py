@@ -1,6 +1,6 @@
 """Benchmark: Fisher scrubbing's wall time against a full retrain, hooks vs ``torch.func``.
 
-Issue 12's target: Fisher <= 0.05x the wall time of a full retrain on pbmc3k and Kang. The
+The target: Fisher <= 0.05x the wall time of a full retrain on pbmc3k and Kang. The
 cost of one Fisher unlearning (the diagonal Fisher on ``n_fisher_cells`` = 1,024 retained cells
 plus the noise, no fine-tune epoch) does not depend on how long the target trained, so the
 target is trained for one epoch with the benchmark's memorising architecture; the retrain is

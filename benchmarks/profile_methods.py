@@ -1,6 +1,6 @@
 """Profile: where Fisher scrubbing and extra-gradient spend their wall time.
 
-Issue 4 asks, for a missed speed target, to profile and name the bottleneck. This runs
+For a missed speed target, profile and name the bottleneck. This runs
 each method once under ``cProfile`` on pbmc3k (the larger scVI of the benchmark, trained
 briefly: the cost of one unlearning run does not depend on how long the target trained) and
 writes the top functions by cumulative and by own time.

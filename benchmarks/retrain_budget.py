@@ -1,12 +1,12 @@
 """Exact unlearning on a budget: how much of the full retrain does ``retrain_fast`` need?
 
-Issue 11 measured that a Kang retrain at 10-25% of the epochs matched the full one on held-out
+The unlearning protocol measured that a Kang retrain at 10-25% of the epochs matched the full one on held-out
 ELBO. This script checks that claim on each forget set before anything builds on it.
 
 Protocol (written before running):
 
 - Data: Kang 2018 (12,261 cells x 1,287 genes, raw counts, ``../shared/data``).
-- Forget sets: structured = Dendritic cells (the headline rare type of issue 11, 203 cells),
+- Forget sets: structured = Dendritic cells (the protocol's headline rare type, 203 cells),
   scattered = as many random cells, donor = the smallest donor; for each, half of the
   population is held out as never-seen cells (``membership_split``) and the held-out cells of
   *other* populations ("background") measure utility.

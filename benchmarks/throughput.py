@@ -1,6 +1,6 @@
 """Benchmark: attack-feature throughput (cells/s) on Kang 2018, and where the time goes.
 
-Issue 4's target: ``attack_features`` at >= 20,000 cells/s on 2 CPU cores. The model is
+The target: ``attack_features`` at >= 20,000 cells/s on 2 CPU cores. The model is
 trained for one epoch only: throughput depends on the architecture and the data, not on the
 weights. Each setting is timed ``--repeats`` times over all 12,261 cells after one warm-up
 pass; the table reports the best and the median.

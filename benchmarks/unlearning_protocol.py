@@ -1,4 +1,4 @@
-"""Benchmark: does ``unlearn()`` unlearn? Issue-11 protocol, with development sets apart.
+"""Benchmark: does ``unlearn()`` unlearn? The unlearning protocol, with development sets apart.
 
 Protocol (written before running; docs/methods.md: protocol, success):
 
@@ -101,7 +101,7 @@ METHODS = {
     "retrain_fast_0.1": ("retrain_fast", {"budget": 0.1}),
     "retrain_fast_0.25": ("retrain_fast", {"budget": 0.25}),
     "auto": ("auto", {}),
-    # the original study's contrastive-latent row (issue 13), at its library defaults
+    # the original study's contrastive-latent row, at its library defaults
     "contrastive": ("contrastive", {}),
 }
 USES_REFERENCES = {
@@ -452,7 +452,7 @@ def report(out: Path) -> None:
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     if not cells:
         return
-    lines = ["# Unlearning under the issue-11 protocol", ""]
+    lines = ["# Unlearning under the unlearning protocol", ""]
     lines.append("Command: `python benchmarks/unlearning_protocol.py` (see its docstring).")
     summary = []
     for cell in cells:
