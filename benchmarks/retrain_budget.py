@@ -1,7 +1,8 @@
 """Exact unlearning on a budget: how much of the full retrain does ``retrain_fast`` need?
 
-The unlearning protocol measured that a Kang retrain at 10-25% of the epochs matched the full one on held-out
-ELBO. This script checks that claim on each forget set before anything builds on it.
+The unlearning protocol measured that a Kang retrain at 10-25% of the epochs matched the full
+one on held-out ELBO. This script checks that claim on each forget set before anything builds
+on it.
 
 Protocol (written before running):
 
