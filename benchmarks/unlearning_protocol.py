@@ -452,7 +452,7 @@ def report(out: Path) -> None:
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     if not cells:
         return
-    lines = ["# Unlearning under the unlearning protocol", ""]
+    lines = ["# Results of the unlearning protocol", ""]
     lines.append("Command: `python benchmarks/unlearning_protocol.py` (see its docstring).")
     summary = []
     for cell in cells:
