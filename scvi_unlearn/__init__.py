@@ -10,6 +10,7 @@ from scvi_unlearn._executor import (
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version
 from scvi_unlearn.audit import AuditReport, GroupAuditReport, MembershipInference, attack_features
+from scvi_unlearn.model import train_deletion_ready
 
 __version__ = package_version()
 
@@ -29,5 +30,6 @@ __all__ = [
     "pl",
     "set_default_executor",
     "train",
+    "train_deletion_ready",
     "utility",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``scvi-unlearn audit | unlearn | verify | demo``."""
+"""Command line: ``scvi-unlearn audit | unlearn | verify | train-deletion-ready | demo``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from scvi_unlearn._utils import parse_key_value
 from scvi_unlearn._validation import check_trained
 from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInference
 from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
-from scvi_unlearn.model import SCVI, verify_unlearning
+from scvi_unlearn.model import SCVI, train_deletion_ready, verify_unlearning
 from scvi_unlearn.train import METHODS
 
 if TYPE_CHECKING:
@@ -292,6 +292,31 @@ def cmd_verify(args) -> int:
     return 0 if result.verified else 1
 
 
+def cmd_train_deletion_ready(args) -> int:
+    """``scvi-unlearn train-deletion-ready``: a model whose donors can be removed at no cost."""
+    adata = read_h5ad_checked(args.data)
+    train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    model = train_deletion_ready(
+        adata,
+        args.donor_key,
+        args.permanent,
+        train_kwargs=train_kwargs,
+        query_epochs=args.query_epochs,
+        seed=args.seed,
+        accelerator=args.accelerator,
+    )
+    model.save(args.out, overwrite=args.overwrite)
+    design = model.deletion_ready_
+    print(
+        f"Trained a deletion-ready model in {design['preparation_seconds']:.1f} s: shared "
+        f"weights on {len(design['permanent'])} permanent donor(s) "
+        f"({design['base']['n_cells']} cells), {len(design['withdrawable'])} withdrawable "
+        f"donor(s) fitted one by one; saved to {args.out}. Remove a donor with "
+        f"`scvi-unlearn unlearn {args.out} {args.data} --forget donor:ID --out DIR`."
+    )
+    return 0
+
+
 def cmd_demo(args) -> int:
     """``scvi-unlearn demo``: the end-to-end run on embedded synthetic data."""
     result = run_demo(out_dir=args.out, quick=args.quick, seed=args.seed)
@@ -358,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unlearn.add_argument(
         "--method",
-        default="retrain_fast",
-        help="Unlearning method (default: retrain_fast, exact and verifiable); one of "
-        + ", ".join(METHODS)
-        + ".",
+        default=None,
+        help="Unlearning method (default: drop_donors for whole withdrawable donors of a "
+        "deletion-ready model, else retrain_fast; both exact and verifiable); drop_donors or "
+        "one of " + ", ".join(METHODS) + ".",
     )
     unlearn.add_argument("--nonmembers", help="File of same-population non-member cells.")
     unlearn.add_argument(
@@ -397,6 +422,31 @@ def build_parser() -> argparse.ArgumentParser:
         "recorded count and fingerprint, and that none is a training cell.",
     )
     verify.set_defaults(func=cmd_verify)
+
+    ready = sub.add_parser(
+        "train-deletion-ready",
+        parents=[common],
+        help="Train a model from which every non-permanent donor can be removed exactly, "
+        "without training.",
+    )
+    ready.add_argument("data", help="The .h5ad of every donor's cells (raw counts).")
+    ready.add_argument("--donor-key", required=True, help="obs column of donors.")
+    ready.add_argument(
+        "--permanent",
+        nargs="+",
+        required=True,
+        metavar="DONOR",
+        help="Donors never withdrawn: their cells train the shared weights.",
+    )
+    ready.add_argument("--max-epochs", type=int, default=None, help="Epochs of the base.")
+    ready.add_argument(
+        "--query-epochs", type=int, default=None, help="Epochs of each donor's fit."
+    )
+    ready.add_argument("--seed", type=int, default=0)
+    ready.add_argument("--accelerator", default="auto")
+    ready.add_argument("--out", required=True, help="Directory for the model.")
+    ready.add_argument("--overwrite", action="store_true")
+    ready.set_defaults(func=cmd_train_deletion_ready)
 
     demo = sub.add_parser(
         "demo", parents=[common], help="Run the end-to-end demo on embedded synthetic data."

@@ -8,6 +8,12 @@ from scvi_unlearn.model._configurations import (
     Configuration,
     example_adata,
 )
+from scvi_unlearn.model._deletion_ready import (
+    DELETION_READY_MODEL_KWARGS,
+    donor_seed,
+    is_deletion_ready,
+    train_deletion_ready,
+)
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._retrain_pool import retrain_models
 from scvi_unlearn.model._scvi import SCVI
@@ -15,6 +21,7 @@ from scvi_unlearn.model._unlearn import cells_fingerprint
 from scvi_unlearn.model._verify import VerificationResult, verify_unlearning
 
 __all__ = [
+    "DELETION_READY_MODEL_KWARGS",
     "REFUSED_CONFIGURATIONS",
     "SCVI",
     "SUPPORTED_CONFIGURATIONS",
@@ -23,8 +30,11 @@ __all__ = [
     "VerificationResult",
     "cells_fingerprint",
     "clone_model",
+    "donor_seed",
     "example_adata",
+    "is_deletion_ready",
     "retrain_models",
+    "train_deletion_ready",
     "verify_unlearning",
     "write_unlearning_certificate",
 ]

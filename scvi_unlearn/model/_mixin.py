@@ -8,13 +8,22 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import scvi
 
 from scvi_unlearn._recipe import Recipe
+from scvi_unlearn._utils import package_version
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
+from scvi_unlearn.model._deletion_ready import (
+    check_donor_request,
+    drop_donors,
+    is_deletion_ready,
+    whole_donors,
+)
 from scvi_unlearn.model._unlearn import (
     DAMAGE_LIMIT,
     audit_result,
+    cells_fingerprint,
     check_damage,
     check_damage_limit,
     check_forget,
@@ -51,7 +60,7 @@ class UnlearningMixin:
     def unlearn(
         self,
         forget_idx: IndexLike,
-        method: str = "retrain_fast",
+        method: str | None = None,
         nonmembers: IndexLike | None = None,
         inplace: bool = False,
         seed: int = 0,
@@ -74,7 +83,12 @@ class UnlearningMixin:
             Cells to forget: integer positions, a boolean mask or obs names of ``self.adata``;
             all must be training cells of the model.
         method
-            ``"retrain_fast"`` (default): exact. A fresh model trained on the retained cells
+            ``None`` (default): ``"drop_donors"`` when the model is deletion-ready (see
+            :func:`~scvi_unlearn.model.train_deletion_ready`) and the cells are every
+            training cell of withdrawable donors, otherwise ``"retrain_fast"``.
+            ``"drop_donors"``: exact and without training; the donors' own covariate columns
+            and all their cells are dropped (deletion-ready models only).
+            ``"retrain_fast"``: exact. A fresh model trained on the retained cells
             only, in rounds of ``budget`` (0.1) of the recipe's epochs until its held-out neg.
             ELBO is within ``utility_tolerance`` (2%) of the trained model's or the rounds
             reach ``max_budget`` (0.5); it never costs more than half a full retrain and its
@@ -173,6 +187,27 @@ class UnlearningMixin:
             )
         check_unlearnable_data(self)
         damage_limit = check_damage_limit(damage_limit)
+        if method == "drop_donors" and (method_kwargs or max_epochs is not None):
+            raise ValueError(
+                "method='drop_donors' trains nothing, so it takes no hyper-parameters or "
+                f"`max_epochs` (got {sorted(method_kwargs) or ['max_epochs']})."
+            )
+        settings_given = bool(method_kwargs) or max_epochs is not None
+        if method == "drop_donors" or (
+            method is None and is_deletion_ready(self) and not settings_given
+        ):
+            train = training_cells(self)
+            forget = check_forget(self, forget_idx, train)
+            donors = (
+                check_donor_request(self, forget, train)
+                if method == "drop_donors"
+                else whole_donors(self, forget, train)
+            )
+            if donors is not None:
+                if audit:
+                    raise ValueError(_NO_DONOR_AUDIT)
+                return self._drop_donors(forget, train, donors, inplace, record_names)
+        method = method or "retrain_fast"
         spec = method_spec(method)
         hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
         seed = check_int("seed", seed, low=0)
@@ -257,6 +292,10 @@ class UnlearningMixin:
             if not exact:
                 check_damage(method, event["utility"], damage_limit)
             drop_forgotten_cells(target, source, forget)
+            if is_deletion_ready(target):
+                # The method retrained or changed shared weights: no donor is isolated now.
+                target.deletion_ready_ = None
+                event["deletion_ready"] = "lost: this method changed the shared weights"
             if exact:
                 name, hp, epochs, rounds = exact_record_inputs(
                     self, metrics, method, run.hyperparameters, run.max_epochs
@@ -283,6 +322,50 @@ class UnlearningMixin:
             raise
         return target
 
+    def _drop_donors(self, forget, train, donors, inplace: bool, record_names: bool):
+        """``method="drop_donors"``: the model without those donors' columns and cells."""
+        started_at = datetime.now(timezone.utc).isoformat()
+        start = time.perf_counter()
+        target = drop_donors(self, donors)
+        wall_time = time.perf_counter() - start
+        forgotten_names = self.adata.obs_names[forget].tolist()
+        design = target.deletion_ready_
+        event = {
+            "method": "drop_donors",
+            "hyperparameters": {"donors": cells_fingerprint(donors)},
+            "seed": design["seed"],
+            "max_epochs": 0,
+            "forgotten": cells_fingerprint(forgotten_names),
+            "n_forgotten": int(forget.size),
+            "n_donors_removed": len(donors),
+            "n_cells_dropped": int(self.adata.n_obs - target.adata.n_obs),
+            "n_train_before": int(train.size),
+            "n_train_after": len(target.train_indices),
+            "nonmembers": {"source": None, "n": 0},
+            "started_at": started_at,
+            "wall_time_s": wall_time,
+            "scvi_unlearn_version": package_version(),
+            "scvi_tools_version": scvi.__version__,
+            "metrics": {
+                "exact": "by construction: the donors' cells reached only their own columns",
+                "remaining_withdrawable": len(design["withdrawable"]),
+                "preparation_seconds": design["preparation_seconds"],
+            },
+            "utility": {"note": "every remaining cell's output is the model's own (unchanged)"},
+        }
+        event["reproduce"] = reproduce_record(
+            target, "drop_donors", _design_inputs(design), design["query_epochs"],
+            seed=design["seed"], rounds=None, accelerator="cpu",
+        )  # fmt: skip
+        if record_names:
+            event["hyperparameters"]["donor_names"] = list(donors)
+        record(target, self, event, forgotten_names if record_names else None)
+        if inplace:
+            self.__dict__.clear()
+            self.__dict__.update(target.__dict__)
+            return self
+        return target
+
     @staticmethod
     def _audit_unlearned(
         target, recipe, source, forget, nonmember_idx, metrics, seed, accelerator, devices,
@@ -301,6 +384,21 @@ class UnlearningMixin:
             default_nonmembers if audit_nonmembers is None else audit_nonmembers,
             seed, accelerator, devices, progress_bar, audit_kwargs,
         )  # fmt: skip
+
+
+_NO_DONOR_AUDIT = (
+    "audit=True does not apply to a donor removal by 'drop_donors': the removed donors have no "
+    "covariate column left to score their cells with, and the removal is exact by "
+    "construction (`verify_unlearning` re-runs it). Pass method='retrain_fast' to audit a "
+    "retrain instead."
+)
+
+
+def _design_inputs(design: dict[str, Any]) -> dict[str, Any]:
+    """The deletion-ready design's inputs a re-run needs (no timings, no weights layout)."""
+    keep = ("donor_key", "permanent", "seed", "query_epochs", "model_kwargs", "setup_kwargs",
+            "train_kwargs")  # fmt: skip
+    return {k: design[k] for k in keep}
 
 
 class _Snapshot:

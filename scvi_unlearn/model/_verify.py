@@ -275,6 +275,12 @@ def verify_unlearning(model, adata: AnnData | None = None, forgotten=None,
 
 def _rerun(model, record, train, validation, accelerator: str) -> bool:
     """Run the recorded exact method on ``model``'s data; whether the weights' hash matches."""
+    if record["method"] == "drop_donors":
+        # A donor removal is the deletion-ready design trained without those donors.
+        from scvi_unlearn.model._deletion_ready import rebuild_without
+
+        rebuilt = rebuild_without(model, accelerator=accelerator)
+        return weights_fingerprint(rebuilt.module) == record["weights_sha256"]
     data = model.adata
     run = UnlearningRun(
         model=model,
