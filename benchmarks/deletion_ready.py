@@ -1,0 +1,231 @@
+"""Deletion-ready training on Kang: what a donor removal costs, and what the design costs.
+
+Protocol (written before running):
+
+- Data: Kang 2018 (``../shared/data/kang2018_pbmc12k.h5ad``, 8 donors in ``sample_id``).
+  10% of every donor's cells are held out from every model (seed 0): utility and the trace
+  test use only them as cells no model trained on.
+- Design: the two largest donors are permanent (their cells train the shared weights); the
+  other six are withdrawable, each fitted alone as a query of that base
+  (:func:`scvi_unlearn.model.train_deletion_ready`). Requests: the smallest, the middle and the
+  largest withdrawable donor, each removed with ``model.unlearn(its training cells)``.
+- Recipe: :data:`~scvi_unlearn.model.DELETION_READY_MODEL_KWARGS` (scArches' layer-norm scVI,
+  donors as the batch), ``--epochs`` for the base and every donor's fit; the normal models
+  (the full model, and the full retrain without each donor) use the same architecture and
+  epochs, trained jointly, so only the training procedure differs.
+- Rows per (donor, seed): the normal full model, the deletion-ready model before removal, the
+  full retrain without the donor, the deletion-ready model after removal. Utility on the
+  held-out cells of the remaining donors: neg. ELBO, k-NN cell-type accuracy, donor mixing
+  (mean normalised entropy of donors among 15 latent neighbours). Times: the removal against
+  the full retrain, measured in the same run; the preparation (base + every donor's fit)
+  against the normal full model, in its own column.
+- Trace of the donor in shared weights: each model scores the donor's training cells and its
+  held-out cells as if they came from the first permanent donor (its column), so only shared
+  weights act; AUC of the loss (members lower). A per-cell LiRA audit against a retrain band
+  does not apply after removal: a model without the donor's column cannot score the donor's
+  cells as the donor's (scvi-tools refuses an unknown batch), for the retrain as for the
+  removal. The trace test is what measures the same question through the shared weights.
+- Seeds 0..``--seeds``-1 (every model's seed); one torch thread.
+
+Outputs: ``benchmarks/results/deletion_ready/results.{md,json}``, ``rows.json``.
+
+    python benchmarks/deletion_ready.py [--seeds 3] [--epochs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from _common import markdown_table
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+import scvi_unlearn as su
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DONOR_KEY = "sample_id"
+HELD_OUT = 0.1
+N_PERMANENT = 2
+QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+def load() -> tuple[object, np.ndarray, np.ndarray]:
+    """Kang, its training cells and its held-out cells (10% of every donor)."""
+    adata = su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
+    rng = np.random.default_rng(0)
+    held = []
+    for donor in sorted(adata.obs[DONOR_KEY].astype(str).unique()):
+        cells = np.flatnonzero((adata.obs[DONOR_KEY].astype(str) == donor).to_numpy())
+        held.append(rng.choice(cells, size=round(HELD_OUT * cells.size), replace=False))
+    held_out = np.sort(np.concatenate(held))
+    return adata, np.setdiff1d(np.arange(adata.n_obs), held_out), held_out
+
+
+def design(adata, train) -> tuple[list[str], list[str]]:
+    """(permanent donors, requested donors) by the protocol's size rule."""
+    sizes = adata.obs[DONOR_KEY].astype(str).iloc[train].value_counts()
+    permanent = sorted(sizes.index[:N_PERMANENT])
+    withdrawable = sizes.drop(permanent).sort_values()
+    picks = [withdrawable.index[0], withdrawable.index[len(withdrawable) // 2],
+             withdrawable.index[-1]]  # fmt: skip
+    return permanent, picks
+
+
+def normal_fit(adata, cells, epochs: int, seed: int):
+    recipe = su.Recipe(
+        setup_kwargs={"batch_key": DONOR_KEY},
+        model_kwargs=dict(su.model.DELETION_READY_MODEL_KWARGS),
+        train_kwargs={"max_epochs": epochs},
+    )
+    start = time.perf_counter()
+    model = recipe.fit(adata[cells].copy(), seed=seed, **QUIET)
+    return model, time.perf_counter() - start
+
+
+def utility(model, adata, cells) -> dict[str, float]:
+    data = adata[cells].copy()
+    u = su.utility.utility_metrics(model, data, markers=[])
+    latent = model.get_latent_representation(data)
+    donors = data.obs[DONOR_KEY].astype(str).to_numpy()
+    return {"neg_elbo": u["neg_elbo"], "knn_accuracy": u["knn_accuracy"],
+            "donor_mixing": donor_mixing(latent, donors)}  # fmt: skip
+
+
+def donor_mixing(latent: np.ndarray, donors: np.ndarray, k: int = 15) -> float:
+    """Mean over cells of the entropy of donors among k latent neighbours / log(#donors)."""
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(latent)
+    codes = pd.Categorical(donors).codes
+    n = int(codes.max()) + 1
+    counts = np.stack([np.bincount(row, minlength=n) for row in codes[idx[:, 1:]]])
+    p = counts / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    return float(entropy.mean() / np.log(n))
+
+
+def trace_auc(model, adata, members, nonmembers, as_donor: str) -> float:
+    """Loss AUC of a donor's training vs held-out cells, scored as ``as_donor``."""
+    cells = np.concatenate([members, nonmembers])
+    data = adata[cells].copy()
+    data.obs[DONOR_KEY] = as_donor
+    loss = su.attack_features(model, data)["neg_elbo"].to_numpy()
+    labels = np.r_[np.ones(members.size), np.zeros(nonmembers.size)]
+    return float(roc_auc_score(labels, -loss))
+
+
+def run_seed(adata, train, held_out, permanent, picks, epochs, seed) -> list[dict]:
+    rows = []
+    donors = adata.obs[DONOR_KEY].astype(str).to_numpy()
+    full, full_s = normal_fit(adata, train, epochs, seed)
+    start = time.perf_counter()
+    ready = su.train_deletion_ready(
+        adata[train].copy(), DONOR_KEY, permanent, train_kwargs={"max_epochs": epochs},
+        seed=seed, **QUIET,
+    )  # fmt: skip
+    prep_s = time.perf_counter() - start
+    print(f"seed {seed}: full model {full_s:.0f} s, deletion-ready {prep_s:.0f} s", flush=True)
+    for donor in picks:
+        members = np.intersect1d(train, np.flatnonzero(donors == donor))
+        nonmembers = np.intersect1d(held_out, np.flatnonzero(donors == donor))
+        rest = np.setdiff1d(held_out, nonmembers)
+        forget = np.flatnonzero(ready.adata.obs[DONOR_KEY].astype(str).to_numpy() == donor)
+        forget = np.intersect1d(forget, ready.train_indices)
+        start = time.perf_counter()
+        removed = ready.unlearn(forget, **QUIET)
+        removal_s = time.perf_counter() - start
+        retrain, retrain_s = normal_fit(adata, np.setdiff1d(train, members), epochs, seed)
+        assert removed.provenance["events"][-1]["method"] == "drop_donors"
+        for row, model, seconds in (
+            ("normal full model", full, full_s),
+            ("deletion-ready, before removal", ready, prep_s),
+            ("full retrain without the donor", retrain, retrain_s),
+            ("deletion-ready, donor removed", removed, removal_s),
+        ):
+            rows.append({
+                "donor": donor, "n_donor_cells": int(members.size), "seed": seed, "row": row,
+                "seconds": seconds, "retrain_s": retrain_s, "full_s": full_s, "prep_s": prep_s,
+                **utility(model, adata, rest),
+                "trace_auc": trace_auc(model, adata, members, nonmembers, permanent[0]),
+            })  # fmt: skip
+        print(pd.DataFrame(rows[-4:]).to_string(), flush=True)
+    return rows
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for (donor, row), g in rows.groupby(["donor", "row"], sort=False):
+        ref = rows[(rows["donor"] == donor) & (rows["row"] == "full retrain without the donor")]
+        full = rows[(rows["donor"] == donor) & (rows["row"] == "normal full model")]
+        merged = g.merge(ref, on="seed", suffixes=("", "_ref")).merge(
+            full, on="seed", suffixes=("", "_full")
+        )
+        is_removal = row == "deletion-ready, donor removed"
+        out.append({
+            "donor (cells)": f"{donor} ({int(g['n_donor_cells'].iloc[0])})",
+            "row": row, "seeds": len(g),
+            "neg. ELBO vs retrain without donor": (merged["neg_elbo"] / merged["neg_elbo_ref"]
+                                                   - 1).mean(),
+            "neg. ELBO vs normal full model": (merged["neg_elbo"] / merged["neg_elbo_full"]
+                                               - 1).mean(),
+            "k-NN accuracy": g["knn_accuracy"].mean(),
+            "donor mixing": g["donor_mixing"].mean(),
+            "trace AUC (shared weights)": g["trace_auc"].mean(),
+            "x full retrain (time)": (g["seconds"] / g["retrain_s"]).median()
+            if is_removal or row == "full retrain without the donor" else np.nan,
+            "one-time preparation x full model": (g["prep_s"] / g["full_s"]).median()
+            if row.startswith("deletion-ready") else np.nan,
+        })  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deletion_ready"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "rows.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.exists() else []
+    adata, train, held_out = load()
+    permanent, picks = design(adata, train)
+    print(f"permanent {permanent}; requests {picks}", flush=True)
+    if not args.report_only:
+        done = {r["seed"] for r in rows}
+        for seed in range(args.seeds):
+            if seed in done:
+                continue
+            rows += run_seed(adata, train, held_out, permanent, picks, args.epochs, seed)
+            rows_file.write_text(json.dumps(rows, indent=2))
+    table = summarise(pd.DataFrame(rows))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()  # fmt: skip
+    seeds = sorted({r["seed"] for r in rows})
+    text = [
+        "# Deletion-ready training: removing a donor exactly",
+        "",
+        f"Command: `python benchmarks/deletion_ready.py --seeds {args.seeds} --epochs "
+        f"{args.epochs}`; commit {commit}, {datetime.now(timezone.utc):%Y-%m-%d}; seeds "
+        f"{seeds}; 1 torch thread; times from the same run. Permanent donors {permanent}; "
+        f"utility on the held-out cells of the remaining donors.",
+        "",
+        markdown_table(table, digits=3),
+    ]
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(table.to_json(orient="records", indent=2))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
