@@ -26,7 +26,7 @@ import scvi
 import torch
 from anndata import AnnData
 
-from scvi_unlearn._recipe import Recipe
+from scvi_unlearn._recipe import Recipe, resolve_model_class
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn._validation import check_count_data
 
@@ -135,8 +135,7 @@ def train_deletion_ready(
     RuntimeError
         If a donor's fit changed a shared weight (isolation broken; nothing is returned).
     """
-    from scvi_unlearn.model._scvi import SCVI
-
+    model_cls = resolve_model_class("SCVI")  # scvi_unlearn.model.SCVI, registered by name
     donors, permanent, withdrawable = _check_design(adata, donor_key, permanent)
     model_kwargs = _check_model_kwargs(model_kwargs)
     setup_kwargs = _check_setup_kwargs(setup_kwargs)
@@ -155,7 +154,7 @@ def train_deletion_ready(
     base = recipe.fit(
         _donor_ordered(work[base_cells], donor_key, permanent),
         seed=seed,
-        model_cls=SCVI,
+        model_cls=model_cls,
         enable_progress_bar=enable_progress_bar,
         **fit,
     )
@@ -178,7 +177,9 @@ def train_deletion_ready(
             "n_cells": int((work.obs[donor_key] == donor).sum()),
             "seconds": time.perf_counter() - t0,
         }
-    model = _assemble(SCVI, work, recipe, base_state, columns, permanent, withdrawable, donor_key)
+    model = _assemble(
+        model_cls, work, recipe, base_state, columns, permanent, withdrawable, donor_key
+    )
     _set_cells(model, trained, validation)
     model.train_kwargs_ = dict(base.train_kwargs_)
     model.final_kl_weight_ = base.final_kl_weight_
@@ -393,13 +394,11 @@ def _copy_rows(adata: AnnData, rows: np.ndarray) -> AnnData:
 
 def _fit_donor(base, work, key, donor, seed, epochs, train_kwargs, fit, progress):
     """One donor's query fit on its own cells, from the base, with its own seed."""
-    from scvi_unlearn.model._scvi import SCVI
-
     cells = _in_name_order(work, (work.obs[key] == donor).to_numpy())
     query_adata = work[cells].copy()
     query_adata.obs[key] = pd.Categorical([donor] * cells.size)
     scvi.settings.seed = donor_seed(seed, donor)
-    query = SCVI.load_query_data(query_adata, base, freeze_batchnorm_decoder=True, **{
+    query = type(base).load_query_data(query_adata, base, freeze_batchnorm_decoder=True, **{
         "accelerator": fit["accelerator"], "device": fit["devices"]
     })  # fmt: skip
     plan = dict(train_kwargs.get("plan_kwargs") or {})

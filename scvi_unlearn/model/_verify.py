@@ -21,6 +21,7 @@ from scipy import sparse
 from scvi_unlearn._recipe import resolve_model_class
 from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.model._clone import clone_model
+from scvi_unlearn.model._deletion_ready import rebuild_without
 from scvi_unlearn.model._unlearn import cells_fingerprint, positions, weights_fingerprint
 from scvi_unlearn.train import METHODS, UnlearningRun, resolve_epochs, seed_everything
 
@@ -277,8 +278,6 @@ def _rerun(model, record, train, validation, accelerator: str) -> bool:
     """Run the recorded exact method on ``model``'s data; whether the weights' hash matches."""
     if record["method"] == "drop_donors":
         # A donor removal is the deletion-ready design trained without those donors.
-        from scvi_unlearn.model._deletion_ready import rebuild_without
-
         rebuilt = rebuild_without(model, accelerator=accelerator)
         return weights_fingerprint(rebuilt.module) == record["weights_sha256"]
     data = model.adata
