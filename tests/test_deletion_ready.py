@@ -244,3 +244,27 @@ def test_adata_is_not_modified(adata):
     train_deletion_ready(adata, "donor", PERMANENT, **QUICK)
     assert adata.obs.equals(before_obs)
     assert set(adata.uns) == before_uns
+
+
+def test_cli_trains_a_deletion_ready_model_and_removes_a_donor(tmp_path, adata, capsys):
+    from scvi_unlearn.cli import main
+
+    data = tmp_path / "data.h5ad"
+    adata.write_h5ad(data)
+    ready_dir, out = tmp_path / "ready", tmp_path / "removed"
+    base = ["train-deletion-ready", str(data), "--donor-key", "donor", "--accelerator", "cpu"]
+    assert main([*base, "--permanent", "donor_0", "donor_3", "--max-epochs", "2",
+                 "--out", str(ready_dir)]) == 0  # fmt: skip
+    assert "2 withdrawable donor(s)" in capsys.readouterr().out
+    code = main(["unlearn", str(ready_dir), str(data), "--forget", "donor:donor_1",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert "with drop_donors" in capsys.readouterr().out
+    assert main(["verify", str(out), str(data)]) == 0
+    # A permanent donor named for the fast route: one line, non-zero exit.
+    code = main(["unlearn", str(ready_dir), str(data), "--forget", "donor:donor_0",
+                 "--method", "drop_donors", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2
+    assert "permanent" in capsys.readouterr().err
+    assert main([*base, "--permanent", "nobody", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "y").exists()

@@ -290,6 +290,21 @@ def drop_donors(model, donors: Sequence[str]):
     return new
 
 
+def cells_of_held_donors(adata: AnnData, attributes: dict[str, Any]) -> AnnData:
+    """``adata`` without the cells of donors a saved deletion-ready model does not hold.
+
+    The lab's data still holds a removed donor's cells; they are not in the model (it has no
+    column for them), so loading leaves them out instead of failing on an unknown batch.
+    ``adata`` itself is returned when nothing is left out; never modified.
+    """
+    record = attributes.get("deletion_ready_")
+    if not record or record["donor_key"] not in adata.obs:
+        return adata
+    held = record["permanent"] + record["withdrawable"]
+    keep = adata.obs[record["donor_key"]].astype(str).isin(held).to_numpy()
+    return adata if keep.all() else adata[keep].copy()
+
+
 def rebuild_without(model, accelerator: str = "cpu"):
     """:func:`train_deletion_ready` re-run from ``model``'s record on its own cells.
 

@@ -16,6 +16,7 @@ from scvi_unlearn._io import read_h5ad_checked, read_json_checked
 from scvi_unlearn._recipe import register_model_class
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn.model._clone import clone_model
+from scvi_unlearn.model._deletion_ready import cells_of_held_donors
 from scvi_unlearn.model._matching import genes_in_model_order, match_rows_by_name
 from scvi_unlearn.model._mixin import UnlearningMixin
 from scvi_unlearn.model._safe_load import check_safe_model_file
@@ -80,7 +81,8 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
         put in the model's order (a new AnnData; the one passed in is not modified), and the
         training and validation cells are found by obs name (recorded by this class, or read
         from the directory's ``adata.h5ad`` for a plain scvi-tools model), so a re-ordered or
-        subset AnnData never shifts which cells count as trained.
+        subset AnnData never shifts which cells count as trained. For a deletion-ready model,
+        cells of donors it no longer holds (removed ones) are left out.
 
         Raises
         ------
@@ -110,6 +112,7 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
             saved = check_safe_model_file(copied)
             if given:
                 adata = genes_in_model_order(adata, saved["var_names"])
+                adata = cells_of_held_donors(adata, saved.get("attr_dict") or {})
             model = super().load(private, adata=adata, **kwargs)
         if given:
             match_rows_by_name(model, saved_adata)
