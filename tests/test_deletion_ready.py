@@ -138,7 +138,7 @@ def test_partial_donor_request_falls_back_and_the_result_is_no_longer_ready(read
     assert event["method"] == "retrain_fast"
     assert not su.model.is_deletion_ready(out)
     assert "lost" in event["deletion_ready"]
-    with pytest.raises(ValueError, match="removes whole donors.*5 of"):
+    with pytest.raises(ValueError, match=r"removes whole donors.*5 of"):
         ready.unlearn(cells, method="drop_donors")
 
 
@@ -150,7 +150,7 @@ def test_explicit_method_wins_over_the_donor_route(ready):
 
 def test_permanent_donor_request_is_refused(ready):
     cells = donor_training_cells(ready, "donor_0")
-    with pytest.raises(ValueError, match="permanent.*retrain_fast"):
+    with pytest.raises(ValueError, match=r"permanent.*retrain_fast"):
         ready.unlearn(cells, method="drop_donors")
     # The default takes the exact retrain instead (it cannot drop a permanent donor).
     out = ready.unlearn(cells, accelerator="cpu", enable_progress_bar=False)
@@ -184,23 +184,32 @@ def test_drop_donors_refuses_settings_and_audit(ready):
             "Every donor is permanent",
         ),
         (
-            {"donor_key": "donor", "permanent": ["donor_0"],
-             "model_kwargs": {"use_observed_lib_size": False}},
+            {
+                "donor_key": "donor",
+                "permanent": ["donor_0"],
+                "model_kwargs": {"use_observed_lib_size": False},
+            },
             ValueError,
             "library encoder",
-        ),  # fmt: skip
+        ),
         (
-            {"donor_key": "donor", "permanent": ["donor_0"],
-             "model_kwargs": {"dispersion": "gene-batch"}},
+            {
+                "donor_key": "donor",
+                "permanent": ["donor_0"],
+                "model_kwargs": {"dispersion": "gene-batch"},
+            },
             ValueError,
             "per-donor dispersions",
-        ),  # fmt: skip
+        ),
         (
-            {"donor_key": "donor", "permanent": ["donor_0"],
-             "setup_kwargs": {"categorical_covariate_keys": ["cell_type"]}},
+            {
+                "donor_key": "donor",
+                "permanent": ["donor_0"],
+                "setup_kwargs": {"categorical_covariate_keys": ["cell_type"]},
+            },
             ValueError,
             "categorical covariates",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_designs_are_refused(adata, kwargs, error, match):
