@@ -131,15 +131,53 @@ def test_saved_deletion_ready_model_removes_after_load(tmp_path, adata, ready):
     assert same_weights(removed, direct)
 
 
-def test_partial_donor_request_falls_back_and_the_result_is_no_longer_ready(ready):
+def test_partial_donor_request_refits_that_donor_exactly(adata, ready):
     cells = donor_training_cells(ready, "donor_1")[:5]
-    out = ready.unlearn(cells, accelerator="cpu", enable_progress_bar=False)
+    out = ready.unlearn(cells)
+    event = out.provenance["events"][-1]
+    assert event["method"] == "refit_donors"
+    assert event["n_donors_refitted"] == 1 and event["n_donors_removed"] == 0
+    assert su.model.is_deletion_ready(out)
+    names = set(ready.adata.obs_names[cells])
+    without = train_deletion_ready(adata[~adata.obs_names.isin(names)].copy(), "donor",
+                                   PERMANENT, **QUICK)  # fmt: skip
+    assert same_weights(out, without)
+    assert names.isdisjoint(out.adata.obs_names)
+    assert su.model.verify_unlearning(out).verified
+    # The other donors' cells keep their outputs.
+    other = ready.adata[ready.adata.obs["donor"].astype(str) == "donor_2"]
+    np.testing.assert_array_equal(
+        out.get_latent_representation(other), ready.get_latent_representation(other)
+    )
+    with pytest.raises(ValueError, match=r"removes whole donors.*5 of.*refit_donors"):
+        ready.unlearn(cells, method="drop_donors")
+
+
+def test_a_request_of_whole_and_partial_donors(adata, ready):
+    whole = donor_training_cells(ready, "donor_1")
+    part = donor_training_cells(ready, "donor_2")[:4]
+    out = ready.unlearn(np.concatenate([whole, part]))
+    event = out.provenance["events"][-1]
+    assert (event["method"], event["n_donors_removed"], event["n_donors_refitted"]) == (
+        "refit_donors", 1, 1,
+    )  # fmt: skip
+    assert out.deletion_ready_["withdrawable"] == ["donor_2"]
+    drop = set(ready.adata.obs_names[part]) | set(
+        ready.adata.obs_names[ready.adata.obs["donor"].astype(str) == "donor_1"]
+    )
+    without = train_deletion_ready(adata[~adata.obs_names.isin(drop)].copy(), "donor",
+                                   PERMANENT, **QUICK)  # fmt: skip
+    assert same_weights(out, without)
+
+
+def test_a_normal_method_loses_deletion_readiness(ready):
+    cells = donor_training_cells(ready, "donor_1")[:5]
+    out = ready.unlearn(cells, method="retrain_fast", accelerator="cpu",
+                        enable_progress_bar=False)  # fmt: skip
     event = out.provenance["events"][-1]
     assert event["method"] == "retrain_fast"
     assert not su.model.is_deletion_ready(out)
     assert "lost" in event["deletion_ready"]
-    with pytest.raises(ValueError, match=r"removes whole donors.*5 of"):
-        ready.unlearn(cells, method="drop_donors")
 
 
 def test_explicit_method_wins_over_the_donor_route(ready):
@@ -150,8 +188,9 @@ def test_explicit_method_wins_over_the_donor_route(ready):
 
 def test_permanent_donor_request_is_refused(ready):
     cells = donor_training_cells(ready, "donor_0")
-    with pytest.raises(ValueError, match=r"permanent.*retrain_fast"):
-        ready.unlearn(cells, method="drop_donors")
+    for method in ("drop_donors", "refit_donors"):
+        with pytest.raises(ValueError, match=r"permanent.*retrain_fast"):
+            ready.unlearn(cells, method=method)
     # The default takes the exact retrain instead (it cannot drop a permanent donor).
     out = ready.unlearn(cells, accelerator="cpu", enable_progress_bar=False)
     assert out.provenance["events"][-1]["method"] == "retrain_fast"
@@ -160,13 +199,14 @@ def test_permanent_donor_request_is_refused(ready):
 def test_drop_donors_on_a_normal_model_says_what_to_do(adata):
     recipe = su.Recipe(model_kwargs={"n_latent": 4}, train_kwargs={"max_epochs": 2})
     model = recipe.fit_cells(adata, np.arange(200), accelerator="cpu", enable_progress_bar=False)
-    with pytest.raises(ValueError, match="deletion-ready model: train it with"):
-        model.unlearn([0, 1], method="drop_donors")
+    for method in ("drop_donors", "refit_donors"):
+        with pytest.raises(ValueError, match="deletion-ready model: train it with"):
+            model.unlearn([0, 1], method=method)
 
 
 def test_drop_donors_refuses_settings_and_audit(ready):
     cells = donor_training_cells(ready, "donor_1")
-    with pytest.raises(ValueError, match="takes no hyper-parameters"):
+    with pytest.raises(ValueError, match="no hyper-parameters"):
         ready.unlearn(cells, method="drop_donors", budget=0.2)
     with pytest.raises(ValueError, match="audit=True does not apply"):
         ready.unlearn(cells, audit=True)

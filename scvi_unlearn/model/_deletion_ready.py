@@ -224,21 +224,13 @@ def whole_donors(model, forget: np.ndarray, train: np.ndarray) -> list[str] | No
 def check_donor_request(model, forget: np.ndarray, train: np.ndarray) -> list[str]:
     """The donors of a ``method="drop_donors"`` request, or an error saying what to do instead."""
     if not is_deletion_ready(model):
-        raise ValueError(
-            "method='drop_donors' needs a deletion-ready model: train it with "
-            "`scvi_unlearn.model.train_deletion_ready(adata, donor_key, permanent=[...])` "
-            "(or `scvi-unlearn train-deletion-ready`), or use method='retrain_fast'."
-        )
+        raise ValueError(_NOT_READY.format(method="drop_donors"))
     record = model.deletion_ready_
     values = model.adata.obs[record["donor_key"]].astype(str).to_numpy()
     named = sorted(set(values[forget]))
     permanent = [d for d in named if d in record["permanent"]]
     if permanent:
-        raise ValueError(
-            f"Donor(s) {permanent} are permanent in this deletion-ready model: their cells "
-            "trained the shared weights, so dropping columns cannot remove them. Use "
-            "method='retrain_fast' (exact, retrains everything)."
-        )
+        raise ValueError(_PERMANENT.format(donors=permanent))
     donors = whole_donors(model, forget, train)
     if donors is None:
         partial = [
@@ -249,9 +241,22 @@ def check_donor_request(model, forget: np.ndarray, train: np.ndarray) -> list[st
         raise ValueError(
             "method='drop_donors' removes whole donors, but the request holds part of "
             f"{', '.join(partial)}. Pass every training cell of those donors (`--forget "
-            "donor:ID`), or use method='retrain_fast'."
+            "donor:ID`), or use method='refit_donors' (exact: the donor fitted again without "
+            "them) or leave `method` unset."
         )
     return donors
+
+
+_NOT_READY = (
+    "method='{method}' needs a deletion-ready model: train it with "
+    "`scvi_unlearn.model.train_deletion_ready(adata, donor_key, permanent=[...])` "
+    "(or `scvi-unlearn train-deletion-ready`), or use method='retrain_fast'."
+)
+_PERMANENT = (
+    "Donor(s) {donors} are permanent in this deletion-ready model: their cells trained the "
+    "shared weights, so no donor's columns can remove them. Use method='retrain_fast' (exact, "
+    "retrains everything)."
+)
 
 
 def drop_donors(model, donors: Sequence[str]):
@@ -288,6 +293,108 @@ def drop_donors(model, donors: Sequence[str]):
         "donor_fits": {d: v for d, v in record["donor_fits"].items() if d in kept},
     }
     return new
+
+
+def check_refit_request(model, forget: np.ndarray) -> list[str]:
+    """The donors of a ``method="refit_donors"`` request, or an error saying what to do."""
+    if not is_deletion_ready(model):
+        raise ValueError(_NOT_READY.format(method="refit_donors"))
+    donors = partial_donors(model, forget)
+    if donors is None:
+        record = model.deletion_ready_
+        values = model.adata.obs[record["donor_key"]].astype(str).to_numpy()
+        permanent = sorted(set(values[forget]) & set(record["permanent"]))
+        raise ValueError(_PERMANENT.format(donors=permanent))
+    return donors
+
+
+def partial_donors(model, forget: np.ndarray) -> list[str] | None:
+    """The withdrawable donors ``forget`` touches, if it holds cells of no permanent donor."""
+    record = model.deletion_ready_
+    values = model.adata.obs[record["donor_key"]].astype(str).to_numpy()
+    donors = sorted(set(values[forget]))
+    return donors if set(donors) <= set(record["withdrawable"]) else None
+
+
+def refit_donors(model, forget: np.ndarray, accelerator: str = "cpu", devices="auto",
+                 enable_progress_bar: bool = False):  # fmt: skip
+    """A new model without the cells ``forget``: their donors re-fitted on their other cells.
+
+    Each withdrawable donor ``forget`` touches is fitted again, alone, from the base, on its
+    remaining cells with its own seed (what :func:`train_deletion_ready` does on data without
+    those cells); a donor left with no training cell is dropped. The base and every other
+    donor's columns are the model's own, so the result is bit-identical to the design trained
+    from the start without those cells. It costs one donor's fit per donor touched.
+    """
+    record = model.deletion_ready_
+    key = record["donor_key"]
+    source = model.adata
+    values = source.obs[key].astype(str).to_numpy()
+    touched = sorted(set(values[forget]))
+    keep = np.setdiff1d(np.arange(source.n_obs), forget)
+    # A donor whose every training cell goes is dropped whole (with its other cells).
+    trained = np.asarray(model.train_indices)
+    emptied = [d for d in touched if np.setdiff1d(trained[values[trained] == d], forget).size == 0]
+    keep = keep[~np.isin(values[keep], emptied)]
+    withdrawable = [d for d in record["withdrawable"] if d not in emptied]
+    work = _donor_ordered(_copy_rows(source, keep), key, record["permanent"] + withdrawable)
+    base_state, columns = _split_state(_state(model.module), record)
+    recipe = Recipe.from_model(model)
+    base = _base_model(type(model), work, recipe, base_state, record)
+    fit = {"accelerator": accelerator, "devices": devices}
+    removed = set(source.obs_names[np.setdiff1d(np.arange(source.n_obs), keep)])
+    refit = [d for d in touched if d not in emptied]
+    trained_names = [n for n, d in zip(model.train_obs_names_, _donors_of(source, key,
+                     model.train_obs_names_), strict=True) if d not in touched]  # fmt: skip
+    val_names = [n for n, d in zip(model.validation_obs_names_, _donors_of(source, key,
+                 model.validation_obs_names_), strict=True) if d not in touched]  # fmt: skip
+    fits = {d: v for d, v in record["donor_fits"].items() if d in withdrawable}
+    for donor in refit:
+        t0 = time.perf_counter()
+        query = _fit_donor(base, work, key, donor, record["seed"], record["query_epochs"],
+                           record["train_kwargs"], fit, enable_progress_bar)  # fmt: skip
+        columns[donor] = _donor_columns(base_state, query.module, donor)
+        trained_names += query.train_obs_names_
+        val_names += query.validation_obs_names_
+        fits[donor] = {
+            "seed": donor_seed(record["seed"], donor),
+            "n_cells": int((work.obs[key] == donor).sum()),
+            "seconds": time.perf_counter() - t0,
+        }
+    new = _assemble(
+        type(model), work, recipe, base_state, {d: columns[d] for d in withdrawable},
+        record["permanent"], withdrawable, key,
+    )  # fmt: skip
+    _set_cells(new, [n for n in trained_names if n not in removed],
+               [n for n in val_names if n not in removed])  # fmt: skip
+    for attr in ("train_kwargs_", "final_kl_weight_", "history_", "unlearning_provenance_"):
+        setattr(new, attr, getattr(model, attr, None))
+    new.deletion_ready_ = {
+        **record,
+        "withdrawable": withdrawable,
+        "n_donors": len(record["permanent"]) + len(withdrawable),
+        "donor_fits": fits,
+    }
+    return new, refit, emptied
+
+
+def _donors_of(adata: AnnData, key: str, names) -> np.ndarray:
+    pos = adata.obs_names.get_indexer(pd.Index(names))
+    values = adata.obs[key].astype(str).to_numpy()
+    return np.where(pos >= 0, values[np.maximum(pos, 0)], "")
+
+
+def _base_model(cls, work, recipe, base_state, record):
+    """The base (permanent donors only) rebuilt from an assembled model's weights."""
+    key = record["donor_key"]
+    cells = _in_name_order(work, work.obs[key].isin(record["permanent"]).to_numpy())
+    data = _donor_ordered(work[cells], key, record["permanent"])
+    cls.setup_anndata(data, **recipe.setup_kwargs)
+    base = cls(data, **recipe.model_kwargs)
+    base.module.load_state_dict(base_state)
+    base.module.eval()
+    base.is_trained_ = True
+    return base
 
 
 def cells_of_held_donors(adata: AnnData, attributes: dict[str, Any]) -> AnnData:

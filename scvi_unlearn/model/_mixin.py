@@ -16,8 +16,11 @@ from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._deletion_ready import (
     check_donor_request,
+    check_refit_request,
     drop_donors,
     is_deletion_ready,
+    partial_donors,
+    refit_donors,
     whole_donors,
 )
 from scvi_unlearn.model._unlearn import (
@@ -83,11 +86,14 @@ class UnlearningMixin:
             Cells to forget: integer positions, a boolean mask or obs names of ``self.adata``;
             all must be training cells of the model.
         method
-            ``None`` (default): ``"drop_donors"`` when the model is deletion-ready (see
-            :func:`~scvi_unlearn.model.train_deletion_ready`) and the cells are every
-            training cell of withdrawable donors, otherwise ``"retrain_fast"``.
+            ``None`` (default): on a deletion-ready model (see
+            :func:`~scvi_unlearn.model.train_deletion_ready`) whose request holds cells of
+            withdrawable donors only, ``"drop_donors"`` for whole donors and
+            ``"refit_donors"`` otherwise; in every other case ``"retrain_fast"``.
             ``"drop_donors"``: exact and without training; the donors' own covariate columns
             and all their cells are dropped (deletion-ready models only).
+            ``"refit_donors"``: exact; each donor the request touches is fitted again alone
+            on its remaining cells (one donor's fit each; deletion-ready models only).
             ``"retrain_fast"``: exact. A fresh model trained on the retained cells
             only, in rounds of ``budget`` (0.1) of the recipe's epochs until its held-out neg.
             ELBO is within ``utility_tolerance`` (2%) of the trained model's or the rounds
@@ -187,26 +193,35 @@ class UnlearningMixin:
             )
         check_unlearnable_data(self)
         damage_limit = check_damage_limit(damage_limit)
-        if method == "drop_donors" and (method_kwargs or max_epochs is not None):
+        if method in _DONOR_METHODS and (method_kwargs or max_epochs is not None):
             raise ValueError(
-                "method='drop_donors' trains nothing, so it takes no hyper-parameters or "
-                f"`max_epochs` (got {sorted(method_kwargs) or ['max_epochs']})."
+                f"method={method!r} follows the deletion-ready design's own settings, so it "
+                "takes no hyper-parameters or `max_epochs` (got "
+                f"{sorted(method_kwargs) or ['max_epochs']})."
             )
         settings_given = bool(method_kwargs) or max_epochs is not None
-        if method == "drop_donors" or (
+        if method in _DONOR_METHODS or (
             method is None and is_deletion_ready(self) and not settings_given
         ):
             train = training_cells(self)
             forget = check_forget(self, forget_idx, train)
-            donors = (
-                check_donor_request(self, forget, train)
-                if method == "drop_donors"
-                else whole_donors(self, forget, train)
-            )
-            if donors is not None:
+            if method == "drop_donors":
+                how = "drop_donors", check_donor_request(self, forget, train)
+            elif method == "refit_donors":
+                how = "refit_donors", check_refit_request(self, forget)
+            elif (donors := whole_donors(self, forget, train)) is not None:
+                how = "drop_donors", donors
+            elif partial_donors(self, forget) is not None:
+                how = "refit_donors", partial_donors(self, forget)
+            else:
+                how = None
+            if how is not None:
                 if audit:
                     raise ValueError(_NO_DONOR_AUDIT)
-                return self._drop_donors(forget, train, donors, inplace, record_names)
+                return self._remove_from_donors(
+                    forget, train, how, inplace, record_names, accelerator, devices,
+                    enable_progress_bar,
+                )  # fmt: skip
         method = method or "retrain_fast"
         spec = method_spec(method)
         hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
@@ -322,22 +337,28 @@ class UnlearningMixin:
             raise
         return target
 
-    def _drop_donors(self, forget, train, donors, inplace: bool, record_names: bool):
-        """``method="drop_donors"``: the model without those donors' columns and cells."""
+    def _remove_from_donors(self, forget, train, how, inplace: bool, record_names: bool,
+                            accelerator, devices, progress_bar):  # fmt: skip
+        """``drop_donors`` / ``refit_donors``: a deletion-ready model without those cells."""
+        method, donors = how
         started_at = datetime.now(timezone.utc).isoformat()
         start = time.perf_counter()
-        target = drop_donors(self, donors)
+        if method == "drop_donors":
+            target, refit, dropped = drop_donors(self, donors), [], list(donors)
+        else:
+            target, refit, dropped = refit_donors(self, forget, accelerator, devices, progress_bar)
         wall_time = time.perf_counter() - start
         forgotten_names = self.adata.obs_names[forget].tolist()
         design = target.deletion_ready_
         event = {
-            "method": "drop_donors",
+            "method": method,
             "hyperparameters": {"donors": cells_fingerprint(donors)},
             "seed": design["seed"],
-            "max_epochs": 0,
+            "max_epochs": design["query_epochs"] if refit else 0,
             "forgotten": cells_fingerprint(forgotten_names),
             "n_forgotten": int(forget.size),
-            "n_donors_removed": len(donors),
+            "n_donors_removed": len(dropped),
+            "n_donors_refitted": len(refit),
             "n_cells_dropped": int(self.adata.n_obs - target.adata.n_obs),
             "n_train_before": int(train.size),
             "n_train_after": len(target.train_indices),
@@ -347,14 +368,17 @@ class UnlearningMixin:
             "scvi_unlearn_version": package_version(),
             "scvi_tools_version": scvi.__version__,
             "metrics": {
-                "exact": "by construction: the donors' cells reached only their own columns",
+                "exact": "by construction: the donors' cells reached only their own columns"
+                + ("; the touched donors were fitted again without the cells" if refit else ""),
                 "remaining_withdrawable": len(design["withdrawable"]),
                 "preparation_seconds": design["preparation_seconds"],
             },
-            "utility": {"note": "every remaining cell's output is the model's own (unchanged)"},
+            "utility": {
+                "note": "every other donor's cells keep the model's own outputs (unchanged)"
+            },
         }
         event["reproduce"] = reproduce_record(
-            target, "drop_donors", _design_inputs(design), design["query_epochs"],
+            target, method, _design_inputs(design), design["query_epochs"],
             seed=design["seed"], rounds=None, accelerator="cpu",
         )  # fmt: skip
         if record_names:
@@ -386,9 +410,10 @@ class UnlearningMixin:
         )  # fmt: skip
 
 
+_DONOR_METHODS = ("drop_donors", "refit_donors")
 _NO_DONOR_AUDIT = (
-    "audit=True does not apply to a donor removal by 'drop_donors': the removed donors have no "
-    "covariate column left to score their cells with, and the removal is exact by "
+    "audit=True does not apply to a removal by 'drop_donors' / 'refit_donors': a removed donor "
+    "has no covariate column left to score its cells with, and the removal is exact by "
     "construction (`verify_unlearning` re-runs it). Pass method='retrain_fast' to audit a "
     "retrain instead."
 )

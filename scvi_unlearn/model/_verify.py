@@ -276,7 +276,7 @@ def verify_unlearning(model, adata: AnnData | None = None, forgotten=None,
 
 def _rerun(model, record, train, validation, accelerator: str) -> bool:
     """Run the recorded exact method on ``model``'s data; whether the weights' hash matches."""
-    if record["method"] == "drop_donors":
+    if record["method"] in ("drop_donors", "refit_donors"):
         # A donor removal is the deletion-ready design trained without those donors.
         rebuilt = rebuild_without(model, accelerator=accelerator)
         return weights_fingerprint(rebuilt.module) == record["weights_sha256"]
