@@ -27,9 +27,14 @@ Protocol (written before running):
   removal. The trace test is what measures the same question through the shared weights.
 - Seeds 0..``--seeds``-1 (every model's seed); one torch thread.
 
-Outputs: ``benchmarks/results/deletion_ready/results.{md,json}``, ``rows.json``.
+Outputs: ``benchmarks/results/deletion_ready/results.{md,json}``, ``rows.json``; with
+``--partial N`` (N random training cells of the middle requested donor, removed by
+``refit_donors``, against the full retrain without them; utility on every held-out cell)
+``results_partial.{md,json}`` and ``rows_partial.json``.
 
     python benchmarks/deletion_ready.py [--seeds 3] [--epochs 100]
+    # some cells of one donor (refit_donors) instead of whole donors
+    python benchmarks/deletion_ready.py --partial 100 --seeds 2
 """
 
 from __future__ import annotations
@@ -159,6 +164,50 @@ def run_seed(adata, train, held_out, permanent, picks, epochs, seed) -> list[dic
     return rows
 
 
+def run_partial(adata, train, held_out, permanent, donor, n_cells, epochs, seed) -> list[dict]:
+    """Some cells of one withdrawable donor: ``refit_donors`` against the full retrain."""
+    ready = su.train_deletion_ready(
+        adata[train].copy(), DONOR_KEY, permanent, train_kwargs={"max_epochs": epochs},
+        seed=seed, **QUIET,
+    )  # fmt: skip
+    own = np.flatnonzero(ready.adata.obs[DONOR_KEY].astype(str).to_numpy() == donor)
+    own = np.intersect1d(own, ready.train_indices)
+    forget = np.sort(np.random.default_rng(seed).choice(own, n_cells, replace=False))
+    start = time.perf_counter()
+    removed = ready.unlearn(forget, **QUIET)
+    removal_s = time.perf_counter() - start
+    assert removed.provenance["events"][-1]["method"] == "refit_donors"
+    names = ready.adata.obs_names[forget]
+    cells = np.setdiff1d(train, adata.obs_names.get_indexer(names))
+    retrain, retrain_s = normal_fit(adata, cells, epochs, seed)
+    rows = []
+    for row, model, seconds in (
+        ("full retrain without the cells", retrain, retrain_s),
+        ("deletion-ready, cells removed (refit_donors)", removed, removal_s),
+    ):
+        rows.append({"donor": donor, "n_forgotten": n_cells, "seed": seed, "row": row,
+                     "seconds": seconds, "retrain_s": retrain_s,
+                     **utility(model, adata, held_out)})  # fmt: skip
+    print(pd.DataFrame(rows).to_string(), flush=True)
+    return rows
+
+
+def summarise_partial(rows: pd.DataFrame) -> pd.DataFrame:
+    ref = rows[rows["row"] == "full retrain without the cells"].set_index("seed")
+    out = []
+    for row, g in rows.groupby("row", sort=False):
+        g = g.set_index("seed")
+        out.append({
+            "request": f"{int(g['n_forgotten'].iloc[0])} cells of donor {g['donor'].iloc[0]}",
+            "row": row, "seeds": len(g),
+            "neg. ELBO vs full retrain": (g["neg_elbo"] / ref["neg_elbo"] - 1).mean(),
+            "k-NN accuracy": g["knn_accuracy"].mean(),
+            "donor mixing": g["donor_mixing"].mean(),
+            "x full retrain (time)": (g["seconds"] / g["retrain_s"]).median(),
+        })  # fmt: skip
+    return pd.DataFrame(out)
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (donor, row), g in rows.groupby(["donor", "row"], sort=False):
@@ -191,6 +240,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--partial",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Instead: N random training cells of the middle requested donor (refit_donors).",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deletion_ready"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -201,6 +257,8 @@ def main() -> None:
     adata, train, held_out = load()
     permanent, picks = design(adata, train)
     print(f"permanent {permanent}; requests {picks}", flush=True)
+    if args.partial is not None:
+        return partial(args, out, adata, train, held_out, permanent, picks[1])
     if not args.report_only:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip()  # fmt: skip
@@ -245,6 +303,37 @@ def main() -> None:
     ]
     (out / "results.md").write_text("\n".join(text) + "\n")
     (out / "results.json").write_text(table.to_json(orient="records", indent=2))
+    print("\n".join(text))
+
+
+def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
+    """``--partial N``: rows, summary and page of the partial-donor request."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()  # fmt: skip
+    rows_file = out / "rows_partial.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.exists() else []
+    if not args.report_only:
+        done = {r["seed"] for r in rows}
+        for seed in range(args.seeds):
+            if seed not in done:
+                new = run_partial(adata, train, held_out, permanent, donor, args.partial,
+                                  args.epochs, seed)  # fmt: skip
+                rows += [{**r, "commit": head} for r in new]
+                rows_file.write_text(json.dumps(rows, indent=2))
+    table = summarise_partial(pd.DataFrame(rows))
+    commit = ", ".join(sorted({r.get("commit", "unknown") for r in rows}))
+    text = [
+        "# Deletion-ready training: removing some cells of a donor",
+        "",
+        f"Command: `python benchmarks/deletion_ready.py --partial {args.partial} --seeds "
+        f"{args.seeds} --epochs {args.epochs}`; commit {commit}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}; seeds {sorted({r['seed'] for r in rows})}; 1 "
+        "torch thread; times from the same run; utility on every held-out cell.",
+        "",
+        markdown_table(table, digits=3),
+    ]
+    (out / "results_partial.md").write_text("\n".join(text) + "\n")
+    (out / "results_partial.json").write_text(table.to_json(orient="records", indent=2))
     print("\n".join(text))
 
 

@@ -384,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument(
         "--method",
         default=None,
-        help="Unlearning method (default: drop_donors for whole withdrawable donors of a "
-        "deletion-ready model, else retrain_fast; both exact and verifiable); drop_donors or "
-        "one of " + ", ".join(METHODS) + ".",
+        help="Unlearning method (default: on a deletion-ready model drop_donors for whole "
+        "withdrawable donors and refit_donors for some of their cells, else retrain_fast; all "
+        "exact and verifiable); drop_donors, refit_donors or one of " + ", ".join(METHODS) + ".",
     )
     unlearn.add_argument("--nonmembers", help="File of same-population non-member cells.")
     unlearn.add_argument(
