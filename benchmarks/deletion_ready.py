@@ -43,7 +43,7 @@ import argparse
 import json
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +291,7 @@ def main() -> None:
         "# Deletion-ready training: removing a donor exactly",
         "",
         f"Command: `python benchmarks/deletion_ready.py --seeds {args.seeds} --epochs "
-        f"{args.epochs}`; commit {commit}, {datetime.now(timezone.utc):%Y-%m-%d}; seeds "
+        f"{args.epochs}`; commit {commit}, {datetime.now(UTC):%Y-%m-%d}; seeds "
         f"{seeds}; 1 torch thread; times from the same run. Permanent donors {permanent}; "
         f"utility on the held-out cells of the remaining donors.",
         "",
@@ -327,7 +327,7 @@ def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
         "",
         f"Command: `python benchmarks/deletion_ready.py --partial {args.partial} --seeds "
         f"{args.seeds} --epochs {args.epochs}`; commit {commit}, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}; seeds {sorted({r['seed'] for r in rows})}; 1 "
+        f"{datetime.now(UTC):%Y-%m-%d}; seeds {sorted({r['seed'] for r in rows})}; 1 "
         "torch thread; times from the same run; utility on every held-out cell.",
         "",
         markdown_table(table, digits=3),

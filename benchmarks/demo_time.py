@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -54,7 +54,7 @@ def main() -> None:
         "max_seconds": max(r["seconds"] for r in runs),
         "cpu_count": os.cpu_count(),
         "commit": commit,
-        "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
+        "date": f"{datetime.now(UTC):%Y-%m-%d}",
     }
     lines = [
         "# Wall time of `scvi-unlearn demo --quick`",

@@ -31,7 +31,7 @@ import argparse
 import json
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +164,7 @@ def main() -> None:
         f"{' '.join(args.datasets)}"
         + ("" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' for r in args.rows))
         + f"`; commit {commit}, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}; 1 torch thread; times from the same run.",
+        f"{datetime.now(UTC):%Y-%m-%d}; 1 torch thread; times from the same run.",
         "",
         markdown_table(table, digits=3),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -254,7 +254,7 @@ class UnlearningMixin:
 
         source, recipe = self.adata, Recipe.from_model(self)  # the audit needs both later
         forgotten_names = source.obs_names[forget].tolist()
-        started_at = datetime.now(timezone.utc).isoformat()
+        started_at = datetime.now(UTC).isoformat()
         start = time.perf_counter()
         target = self if inplace else clone_model(self)
         saved = _Snapshot(target) if inplace else None
@@ -341,7 +341,7 @@ class UnlearningMixin:
                             accelerator, devices, progress_bar):  # fmt: skip
         """``drop_donors`` / ``refit_donors``: a deletion-ready model without those cells."""
         method, donors = how
-        started_at = datetime.now(timezone.utc).isoformat()
+        started_at = datetime.now(UTC).isoformat()
         start = time.perf_counter()
         if method == "drop_donors":
             target, refit, dropped = drop_donors(self, donors), [], list(donors)
