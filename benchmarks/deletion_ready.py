@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import write_results
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -287,23 +287,14 @@ def main() -> None:
         "the shared weights (as a permanent donor) instead, and the removal is bit-identical "
         "to the design trained without the donor (tests; `verify_unlearning`).",
     ]
-    text = [
-        "# Deletion-ready training: removing a donor exactly",
-        "",
+    write_results(
+        out, "results", "Deletion-ready training: removing a donor exactly",
         f"Command: `python benchmarks/deletion_ready.py --seeds {args.seeds} --epochs "
         f"{args.epochs}`; commit {commit}, {datetime.now(UTC):%Y-%m-%d}; seeds "
         f"{seeds}; 1 torch thread; times from the same run. Permanent donors {permanent}; "
         f"utility on the held-out cells of the remaining donors.",
-        "",
-        markdown_table(table, digits=3),
-        "",
-        "Targets:",
-        "",
-        *targets,
-    ]
-    (out / "results.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(table.to_json(orient="records", indent=2))
-    print("\n".join(text))
+        table, ["", "Targets:", "", *targets],
+    )  # fmt: skip
 
 
 def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
@@ -322,19 +313,14 @@ def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
                 rows_file.write_text(json.dumps(rows, indent=2))
     table = summarise_partial(pd.DataFrame(rows))
     commit = ", ".join(sorted({r.get("commit", "unknown") for r in rows}))
-    text = [
-        "# Deletion-ready training: removing some cells of a donor",
-        "",
+    write_results(
+        out, "results_partial", "Deletion-ready training: removing some cells of a donor",
         f"Command: `python benchmarks/deletion_ready.py --partial {args.partial} --seeds "
         f"{args.seeds} --epochs {args.epochs}`; commit {commit}, "
         f"{datetime.now(UTC):%Y-%m-%d}; seeds {sorted({r['seed'] for r in rows})}; 1 "
         "torch thread; times from the same run; utility on every held-out cell.",
-        "",
-        markdown_table(table, digits=3),
-    ]
-    (out / "results_partial.md").write_text("\n".join(text) + "\n")
-    (out / "results_partial.json").write_text(table.to_json(orient="records", indent=2))
-    print("\n".join(text))
+        table,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

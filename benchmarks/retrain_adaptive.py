@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import write_results
 
 import scvi_unlearn as su
 from scvi_unlearn._demo import DEMO_SETTINGS, RARE_TYPE, demo_recipe
@@ -157,20 +157,16 @@ def main() -> None:
     table = summarise(pd.DataFrame(rows))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()  # fmt: skip
-    text = [
-        "# The default unlearning (retrain_fast) against a full retrain",
-        "",
+    rows_flag = (
+        "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' for r in args.rows)
+    )
+    write_results(
+        out, "results", "The default unlearning (retrain_fast) against a full retrain",
         f"Command: `python benchmarks/retrain_adaptive.py --seeds {args.seeds} --datasets "
-        f"{' '.join(args.datasets)}"
-        + ("" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' for r in args.rows))
-        + f"`; commit {commit}, "
+        f"{' '.join(args.datasets)}{rows_flag}`; commit {commit}, "
         f"{datetime.now(UTC):%Y-%m-%d}; 1 torch thread; times from the same run.",
-        "",
-        markdown_table(table, digits=3),
-    ]
-    (out / "results.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(table.to_json(orient="records", indent=2))
-    print("\n".join(text))
+        table,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

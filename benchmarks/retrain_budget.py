@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import write_results
 
 import scvi_unlearn as su
 
@@ -163,17 +163,12 @@ def main() -> None:
             rows += run(forget, adata, args)
             (out / "rows.json").write_text(json.dumps(rows, indent=2))  # resumable record
     table = summarise(pd.DataFrame(rows))
-    text = [
-        "# Exact unlearning on a budget (Kang 2018, memorising scVI)",
-        "",
+    write_results(
+        out, "results", "Exact unlearning on a budget (Kang 2018, memorising scVI)",
         f"Command: `python benchmarks/retrain_budget.py --seeds {args.seeds}`; "
         "1 torch thread; times measured in the same run.",
-        "",
-        markdown_table(table, digits=3),
-    ]
-    (out / "results.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(table.to_json(orient="records", indent=2))
-    print("\n".join(text))
+        table,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
