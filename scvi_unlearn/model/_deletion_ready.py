@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -161,26 +162,17 @@ def train_deletion_ready(
     base_seconds = time.perf_counter() - start
     base_state = _state(base.module)
     epochs = int(query_epochs or base.train_kwargs_["max_epochs"])
-    columns: dict[str, dict[str, torch.Tensor]] = {}
-    fits: dict[str, dict[str, Any]] = {}
-    trained: list[str] = list(base.train_obs_names_)
-    validation: list[str] = list(base.validation_obs_names_)
-    for donor in withdrawable:
-        t0 = time.perf_counter()
-        query = _fit_donor(base, work, donor_key, donor, seed, epochs, train_kwargs, fit,
-                           enable_progress_bar)  # fmt: skip
-        columns[donor] = _donor_columns(base_state, query.module, donor)
-        trained += query.train_obs_names_
-        validation += query.validation_obs_names_
-        fits[donor] = {
-            "seed": donor_seed(seed, donor),
-            "n_cells": int((work.obs[donor_key] == donor).sum()),
-            "seconds": time.perf_counter() - t0,
-        }
+    donor_fits = _fit_donors(base, base_state, work, donor_key, withdrawable, seed, epochs,
+                             train_kwargs, fit, enable_progress_bar)  # fmt: skip
     model = _assemble(
-        model_cls, work, recipe, base_state, columns, permanent, withdrawable, donor_key
+        model_cls, work, recipe, base_state, donor_fits.columns, permanent, withdrawable,
+        donor_key,
+    )  # fmt: skip
+    _set_cells(
+        model,
+        base.train_obs_names_ + donor_fits.trained,
+        base.validation_obs_names_ + donor_fits.validation,
     )
-    _set_cells(model, trained, validation)
     model.train_kwargs_ = dict(base.train_kwargs_)
     model.final_kl_weight_ = base.final_kl_weight_
     model.history_ = base.history_
@@ -196,7 +188,7 @@ def train_deletion_ready(
         "train_kwargs": to_jsonable(train_kwargs),
         "extended": _extended_shapes(base_state, model.module, len(withdrawable)),
         "base": {"n_cells": int(base_cells.size), "seconds": base_seconds},
-        "donor_fits": fits,
+        "donor_fits": donor_fits.fits,
         "preparation_seconds": time.perf_counter() - start,
     }
     return model
@@ -265,34 +257,9 @@ def drop_donors(model, donors: Sequence[str]):
     Every other weight, and so every remaining cell's output, is the model's own. The cells of
     the dropped donors, validation cells included, leave the AnnData.
     """
-    record = model.deletion_ready_
-    key = record["donor_key"]
-    kept = [d for d in record["withdrawable"] if d not in set(donors)]
-    source = model.adata
-    keep = np.flatnonzero(~source.obs[key].astype(str).isin(list(donors)).to_numpy())
-    work = _donor_ordered(_copy_rows(source, keep), key, record["permanent"] + kept)
-    state = _state(model.module)
-    base_state, columns = _split_state(state, record)
-    recipe = Recipe.from_model(model)
-    new = _assemble(
-        type(model), work, recipe, base_state, {d: columns[d] for d in kept},
-        record["permanent"], kept, key,
-    )  # fmt: skip
-    removed = set(source.obs_names[np.setdiff1d(np.arange(source.n_obs), keep)])
-    _set_cells(
-        new,
-        [n for n in model.train_obs_names_ if n not in removed],
-        [n for n in model.validation_obs_names_ if n not in removed],
-    )
-    for attr in ("train_kwargs_", "final_kl_weight_", "history_", "unlearning_provenance_"):
-        setattr(new, attr, getattr(model, attr, None))
-    new.deletion_ready_ = {
-        **record,
-        "withdrawable": kept,
-        "n_donors": len(record["permanent"]) + len(kept),
-        "donor_fits": {d: v for d, v in record["donor_fits"].items() if d in kept},
-    }
-    return new
+    values = model.adata.obs[model.deletion_ready_["donor_key"]].astype(str)
+    keep = np.flatnonzero(~values.isin(list(donors)).to_numpy())
+    return _without(model, keep, dropped=list(donors), refit=[])
 
 
 def check_refit_request(model, forget: np.ndarray) -> list[str]:
@@ -327,46 +294,53 @@ def refit_donors(model, forget: np.ndarray, accelerator: str = "cpu", devices="a
     from the start without those cells. It costs one donor's fit per donor touched.
     """
     record = model.deletion_ready_
-    key = record["donor_key"]
     source = model.adata
-    values = source.obs[key].astype(str).to_numpy()
+    values = source.obs[record["donor_key"]].astype(str).to_numpy()
     touched = sorted(set(values[forget]))
     keep = np.setdiff1d(np.arange(source.n_obs), forget)
     # A donor whose every training cell goes is dropped whole (with its other cells).
     trained = np.asarray(model.train_indices)
     emptied = [d for d in touched if np.setdiff1d(trained[values[trained] == d], forget).size == 0]
     keep = keep[~np.isin(values[keep], emptied)]
-    withdrawable = [d for d in record["withdrawable"] if d not in emptied]
+    refit = [d for d in touched if d not in emptied]
+    new = _without(model, keep, emptied, refit, accelerator, devices, enable_progress_bar)
+    return new, refit, emptied
+
+
+def _without(model, keep, dropped, refit, accelerator="cpu", devices="auto", progress=False):
+    """The deletion-ready model on cells ``keep``: ``dropped`` donors gone, ``refit`` re-fitted.
+
+    The base and every other donor's columns are the model's own; each donor in ``refit`` is
+    fitted again, alone, on its kept cells, as :func:`train_deletion_ready` fits it.
+    """
+    record = model.deletion_ready_
+    key = record["donor_key"]
+    source = model.adata
+    withdrawable = [d for d in record["withdrawable"] if d not in set(dropped)]
     work = _donor_ordered(_copy_rows(source, keep), key, record["permanent"] + withdrawable)
     base_state, columns = _split_state(_state(model.module), record)
     recipe = Recipe.from_model(model)
-    base = _base_model(type(model), work, recipe, base_state, record)
-    fit = {"accelerator": accelerator, "devices": devices}
-    removed = set(source.obs_names[np.setdiff1d(np.arange(source.n_obs), keep)])
-    refit = [d for d in touched if d not in emptied]
-    trained_names = [n for n, d in zip(model.train_obs_names_, _donors_of(source, key,
-                     model.train_obs_names_), strict=True) if d not in touched]  # fmt: skip
-    val_names = [n for n, d in zip(model.validation_obs_names_, _donors_of(source, key,
-                 model.validation_obs_names_), strict=True) if d not in touched]  # fmt: skip
+    removed = set(source.obs_names) - set(work.obs_names)
+    # Recorded cells of the re-fitted donors are replaced by those of their new fits.
+    stale = set(source.obs_names[source.obs[key].astype(str).isin(refit).to_numpy()]) | removed
+    trained = [n for n in model.train_obs_names_ if n not in stale]
+    validation = [n for n in model.validation_obs_names_ if n not in stale]
     fits = {d: v for d, v in record["donor_fits"].items() if d in withdrawable}
-    for donor in refit:
-        t0 = time.perf_counter()
-        query = _fit_donor(base, work, key, donor, record["seed"], record["query_epochs"],
-                           record["train_kwargs"], fit, enable_progress_bar)  # fmt: skip
-        columns[donor] = _donor_columns(base_state, query.module, donor)
-        trained_names += query.train_obs_names_
-        val_names += query.validation_obs_names_
-        fits[donor] = {
-            "seed": donor_seed(record["seed"], donor),
-            "n_cells": int((work.obs[key] == donor).sum()),
-            "seconds": time.perf_counter() - t0,
-        }
+    if refit:
+        base = _base_model(type(model), work, recipe, base_state, record)
+        new_fits = _fit_donors(
+            base, base_state, work, key, refit, record["seed"], record["query_epochs"],
+            record["train_kwargs"], {"accelerator": accelerator, "devices": devices}, progress,
+        )  # fmt: skip
+        columns.update(new_fits.columns)
+        trained += new_fits.trained
+        validation += new_fits.validation
+        fits.update(new_fits.fits)
     new = _assemble(
         type(model), work, recipe, base_state, {d: columns[d] for d in withdrawable},
         record["permanent"], withdrawable, key,
     )  # fmt: skip
-    _set_cells(new, [n for n in trained_names if n not in removed],
-               [n for n in val_names if n not in removed])  # fmt: skip
+    _set_cells(new, trained, validation)
     for attr in ("train_kwargs_", "final_kl_weight_", "history_", "unlearning_provenance_"):
         setattr(new, attr, getattr(model, attr, None))
     new.deletion_ready_ = {
@@ -375,13 +349,33 @@ def refit_donors(model, forget: np.ndarray, accelerator: str = "cpu", devices="a
         "n_donors": len(record["permanent"]) + len(withdrawable),
         "donor_fits": fits,
     }
-    return new, refit, emptied
+    return new
 
 
-def _donors_of(adata: AnnData, key: str, names) -> np.ndarray:
-    pos = adata.obs_names.get_indexer(pd.Index(names))
-    values = adata.obs[key].astype(str).to_numpy()
-    return np.where(pos >= 0, values[np.maximum(pos, 0)], "")
+@dataclass
+class _DonorFits:
+    columns: dict[str, dict[str, torch.Tensor]]
+    trained: list[str]
+    validation: list[str]
+    fits: dict[str, dict[str, Any]]
+
+
+def _fit_donors(base, base_state, work, key, donors, seed, epochs, train_kwargs, fit,
+                progress) -> _DonorFits:  # fmt: skip
+    """Each donor fitted alone from ``base``: its columns, its cells, what the fit cost."""
+    out = _DonorFits({}, [], [], {})
+    for donor in donors:
+        t0 = time.perf_counter()
+        query = _fit_donor(base, work, key, donor, seed, epochs, train_kwargs, fit, progress)
+        out.columns[donor] = _donor_columns(base_state, query.module, donor)
+        out.trained += query.train_obs_names_
+        out.validation += query.validation_obs_names_
+        out.fits[donor] = {
+            "seed": donor_seed(seed, donor),
+            "n_cells": int((work.obs[key] == donor).sum()),
+            "seconds": time.perf_counter() - t0,
+        }
+    return out
 
 
 def _base_model(cls, work, recipe, base_state, record):
@@ -572,10 +566,12 @@ _MOVED = (
 
 
 def _extended_dim(old: torch.Size, new: torch.Size) -> int:
-    dims = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
-    if len(dims) != 1 or new[dims[0]] - old[dims[0]] not in (1, 2):
+    """The one dimension a query fit grew (by 1, or 2 with a single permanent donor)."""
+    dim = _changed_dim(old, new)
+    changed = sum(a != b for a, b in zip(old, new, strict=True))
+    if changed != 1 or new[dim] - old[dim] not in (1, 2):
         raise RuntimeError(f"Unexpected shape change {tuple(old)} -> {tuple(new)} in a query fit.")
-    return dims[0]
+    return dim
 
 
 def _extended_shapes(base_state, module, n_withdrawable: int) -> dict[str, list[int]]:

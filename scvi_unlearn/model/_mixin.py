@@ -211,8 +211,8 @@ class UnlearningMixin:
                 how = "refit_donors", check_refit_request(self, forget)
             elif (donors := whole_donors(self, forget, train)) is not None:
                 how = "drop_donors", donors
-            elif partial_donors(self, forget) is not None:
-                how = "refit_donors", partial_donors(self, forget)
+            elif (touched := partial_donors(self, forget)) is not None:
+                how = "refit_donors", touched
             else:
                 how = None
             if how is not None:
