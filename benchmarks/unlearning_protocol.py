@@ -61,12 +61,12 @@ Run::
         --workers 2 --threads 1 --pools-only
     python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
         --methods retrain_fast_0.1 ssd contrastive reset_relearn fisher retrain_fast_0.25 \
-        --out benchmarks/results/unlearning_protocol_kang_a &
+        --out benchmarks/results/unlearning_protocol/shards/kang_structured_a &
     python benchmarks/unlearning_protocol.py --datasets kang --forget structured --threads 1 \
         --methods auto oracle_matching extragradient_calibrated oracle_matching_grouped \
-        --out benchmarks/results/unlearning_protocol_kang_b
+        --out benchmarks/results/unlearning_protocol/shards/kang_structured_b
     python benchmarks/unlearning_protocol.py \
-        --merge benchmarks/results/unlearning_protocol_kang_{a,b}
+        --merge benchmarks/results/unlearning_protocol/shards/kang_structured_{a,b}
 """
 
 from __future__ import annotations
