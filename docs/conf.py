@@ -94,7 +94,7 @@ def setup(app):
 
 def _write_configurations() -> None:
     """The supported / refused configurations table, from the package's registry."""
-    from scvi_unlearn.model._configurations import configurations_table
+    from scvi_unlearn._configurations import configurations_table
 
     target = HERE / "_generated"
     target.mkdir(exist_ok=True)

@@ -28,7 +28,7 @@ LAZY_ALLOWED = {"matplotlib", "scanpy", "ray", "opacus"}
 #: Lower layers first: a module may import only from its own layer or a lower one.
 LAYERS = [
     {"_utils", "_validation", "_verdict", "_executor", "_io"},
-    {"_model_data", "module", "data", "_recipe", "pl"},
+    {"_model_data", "module", "data", "_recipe", "_configurations", "pl"},
     {"audit"},
     {"train", "utility"},
     {"model"},

@@ -261,37 +261,7 @@ def test_a_damaged_shadow_cache_entry_is_trained_again(tmp_path, damage):
         assert np.array_equal(_fit_pool(adata, tmp_path).features, first.features)
 
 
-# -- configurations --------------------------------------------------------------------------
-#: Every method but the two that run full schedules (``auto`` and ``retrain`` train whole
-#: models; ``retrain_fast`` stands for them here).
-MATRIX_METHODS = [m for m in su.train.METHODS if m not in ("auto", "retrain")]
-
-
-@pytest.mark.parametrize("name", list(su.model.SUPPORTED_CONFIGURATIONS))
-def test_every_configuration_audits_unlearns_saves_and_loads(name, tmp_path):
-    config = su.model.SUPPORTED_CONFIGURATIONS[name]
-    adata = su.model.example_adata()
-    model = su.model.SCVI.from_scvi(_plain(adata, config.setup_kwargs, config.model_kwargs))
-    train, val = np.asarray(model.train_indices), np.asarray(model.validation_indices)
-    mi = su.MembershipInference(
-        model.adata, recipe=model, n_shadows=2, cache_dir=False, accelerator="cpu"
-    ).fit(progress_bar=False)
-    report = mi.audit(model, members=train[:20], nonmembers=val[:15])
-    assert report.results and all(np.isfinite(r.auc) for r in report.results.values())
-    for method in MATRIX_METHODS:
-        epochs = {} if method == "retrain_fast" else {"max_epochs": 1}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # one epoch may cost utility; not the point here
-            out = model.unlearn(
-                train[:5], method=method, nonmembers=val[:10], accelerator="cpu",
-                enable_progress_bar=False, damage_limit=None, **epochs,
-            )  # fmt: skip
-        out.save(str(tmp_path / method), save_anndata=True)
-        back = su.model.SCVI.load(str(tmp_path / method))
-        assert back.provenance["events"][-1]["method"] == method, method
-        assert len(back.train_indices) == len(train) - 5, method
-
-
+# -- configurations (the matrix is tests/test_configurations.py) ------------------------
 def test_a_minified_model_is_refused_for_unlearning_and_audits():
     adata = _data()
     model = su.model.SCVI.from_scvi(_plain(adata))
@@ -302,15 +272,6 @@ def test_a_minified_model_is_refused_for_unlearning_and_audits():
         model.unlearn([int(model.train_indices[0])], method="fisher", accelerator="cpu")
     with pytest.raises(ValueError, match="minified"):
         su.attack_features(model)
-
-
-def test_scanvi_is_refused_up_front():
-    adata = _data()
-    scvi.model.SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="none")
-    scanvi = scvi.model.SCANVI(adata, n_hidden=16, n_latent=3)
-    scanvi.train(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
-    with pytest.raises(TypeError, match="SCANVI"):
-        su.model.SCVI.from_scvi(scanvi)
 
 
 # -- files and the command line ----------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scvi_unlearn._configurations import check_supported_model
 from scvi_unlearn._model_data import registered_adata
 from scvi_unlearn._validation import as_cell_indices, check_not_minified, check_trained
 from scvi_unlearn.module import SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
@@ -50,6 +51,12 @@ def attack_features(
     DataFrame indexed by obs name with the columns of :data:`SCALAR_FEATURES` (plus latent
     columns if requested). Two calls give identical values.
 
+    Raises
+    ------
+    UnsupportedModelError
+        If ``model`` is not an scVI the package supports (SCANVI, TOTALVI, ...; see
+        :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS`).
+
     Examples
     --------
     >>> import scvi_unlearn as su
@@ -62,6 +69,7 @@ def attack_features(
     >>> features.equals(su.attack_features(model, indices=[3, 1]))
     True
     """
+    check_supported_model(model)
     check_trained(model)
     check_not_minified(model)
     adata = registered_adata(model, adata)

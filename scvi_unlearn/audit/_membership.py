@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scvi_unlearn._configurations import check_supported_model, check_supported_recipe
 from scvi_unlearn._model_data import training_positions
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._validation import (
@@ -123,6 +124,13 @@ class MembershipInference:
         Replace recipe fields for the shadows (e.g. ``max_epochs``); recorded in the report,
         since shadows that differ from the target weaken the attack.
 
+    Raises
+    ------
+    UnsupportedModelError
+        If ``recipe`` (or an audited model) is not an scVI the package supports (SCANVI,
+        TOTALVI, ...; see :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS`), before any
+        shadow model trains.
+
     Examples
     --------
     >>> import scvi_unlearn as su
@@ -158,12 +166,15 @@ class MembershipInference:
         if unknown:
             raise ValueError(f"Unknown attacks {sorted(unknown)}; choose from {list(ATTACKS)}.")
         if isinstance(recipe, Recipe):
+            check_supported_recipe(recipe)
             self.recipe = Recipe(**recipe.to_dict())
             self.recipe.train_kwargs.update(recipe_overrides)
         elif hasattr(recipe, "module") and hasattr(recipe, "adata_manager"):
+            check_supported_model(recipe)
             check_trained(recipe)
             check_genes_match(recipe, adata)
             self.recipe = Recipe.from_model(recipe, **recipe_overrides)
+            check_supported_recipe(self.recipe)
         else:
             raise TypeError(
                 "`recipe` must be a trained scVI model or a scvi_unlearn.Recipe, got "
@@ -440,6 +451,7 @@ class MembershipInference:
         return np.asarray(share > 0.5, dtype=object), "recorded training cells"
 
     def _check_cells(self, model, members, nonmembers):
+        check_supported_model(model)
         check_trained(model)
         check_genes_match(model, self.adata)
         m = as_cell_indices(self.adata, members, "members")
@@ -478,6 +490,7 @@ class MembershipInference:
         return training_positions(model, self.adata)
 
     def _features(self, model, cells: np.ndarray, role: str = "audited model") -> np.ndarray:
+        check_supported_model(model)
         try:
             check_trained(model)
             check_genes_match(model, self.adata)

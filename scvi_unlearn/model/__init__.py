@@ -1,13 +1,15 @@
 """User-facing models: scVI that can forget cells."""
 
-from scvi_unlearn.model._certificate import write_unlearning_certificate
-from scvi_unlearn.model._clone import clone_model
-from scvi_unlearn.model._configurations import (
+from scvi_unlearn._configurations import (
     REFUSED_CONFIGURATIONS,
     SUPPORTED_CONFIGURATIONS,
     Configuration,
+    UnsupportedModelError,
+    check_supported_model,
     example_adata,
 )
+from scvi_unlearn.model._certificate import write_unlearning_certificate
+from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._deletion_ready import (
     DELETION_READY_MODEL_KWARGS,
     donor_seed,
@@ -27,8 +29,10 @@ __all__ = [
     "SUPPORTED_CONFIGURATIONS",
     "Configuration",
     "UnlearningMixin",
+    "UnsupportedModelError",
     "VerificationResult",
     "cells_fingerprint",
+    "check_supported_model",
     "clone_model",
     "donor_seed",
     "example_adata",

@@ -151,18 +151,30 @@ _restricted_pickle = types.SimpleNamespace(
 )
 
 
-def safe_torch_load(path: str | os.PathLike, map_location=None):
+def safe_torch_load(
+    path: str | os.PathLike, map_location=None, shown_as: str | os.PathLike | None = None
+):
     """Load a ``torch.save`` file without executing arbitrary pickled code.
 
     Tries ``torch.load(weights_only=True)`` with scvi-tools' data containers allowed; files
     written by scvi-tools (which include a ``defaultdict`` the weights-only loader cannot
     rebuild) are read with a restricted unpickler that resolves only allow-listed globals.
 
+    Parameters
+    ----------
+    path
+        The file to read.
+    map_location
+        Passed to ``torch.load``.
+    shown_as
+        The path error messages name (the user's file when ``path`` is a private copy).
+
     Raises
     ------
     RuntimeError
         If the file holds any other pickled object; the message names it.
     """
+    shown = path if shown_as is None else shown_as
     try:
         try:
             with torch.serialization.safe_globals(_allowed_globals()):
@@ -174,16 +186,16 @@ def safe_torch_load(path: str | os.PathLike, map_location=None):
         )
     except pickle.UnpicklingError as exc:
         if _REFUSAL not in str(exc):  # not a forbidden object: bytes that are no pickle
-            raise CorruptModelFileError(path, exc) from exc
+            raise CorruptModelFileError(shown, exc) from exc
         raise RuntimeError(
-            f"Refusing to load {path}: {exc}. Loading it could execute arbitrary code. If you "
+            f"Refusing to load {shown}: {exc}. Loading it could execute arbitrary code. If you "
             "trust the file, load it with `scvi.model.SCVI.load` and wrap the result with "
             "`scvi_unlearn.model.SCVI.from_scvi(model)`."
         ) from exc
     except (EOFError, RuntimeError, ValueError, OSError) as exc:
         if isinstance(exc, PermissionError):
             raise
-        raise CorruptModelFileError(path, exc) from exc
+        raise CorruptModelFileError(shown, exc) from exc
 
 
 class CorruptModelFileError(ValueError):
@@ -197,11 +209,14 @@ class CorruptModelFileError(ValueError):
         )
 
 
-def check_safe_model_file(path: str | os.PathLike) -> dict:
+def check_safe_model_file(
+    path: str | os.PathLike, shown_as: str | os.PathLike | None = None
+) -> dict:
     """Raise unless ``path`` unpickles with only allow-listed data containers.
 
     Unpickling resolves the same globals whichever unpickler reads a file, so once this check
     passes, scvi-tools' own ``torch.load`` of the *same* file can only rebuild plain data.
+    ``shown_as`` is the path error messages name (the user's file when ``path`` is a copy).
 
     Raises
     ------
@@ -214,4 +229,4 @@ def check_safe_model_file(path: str | os.PathLike) -> dict:
     -------
     The file's content (``model_state_dict``, ``var_names``, ``attr_dict``).
     """
-    return safe_torch_load(path, map_location="cpu")
+    return safe_torch_load(path, map_location="cpu", shown_as=shown_as)

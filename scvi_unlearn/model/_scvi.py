@@ -12,6 +12,7 @@ import numpy as np
 import scvi
 from scvi.model._utils import get_max_epochs_heuristic
 
+from scvi_unlearn._configurations import check_supported_model, check_supported_saved
 from scvi_unlearn._io import read_h5ad_checked, read_json_checked
 from scvi_unlearn._recipe import register_model_class
 from scvi_unlearn._utils import to_jsonable
@@ -90,6 +91,10 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
             If ``dir_path`` does not exist or holds no ``model.pt``.
         RuntimeError
             If ``model.pt`` holds anything but plain data (the message names it).
+        UnsupportedModelError
+            If the directory holds another model class (SCANVI, TOTALVI, ...) or a
+            configuration of :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS`; raised before
+            any data is read.
         ValueError
             If a file is empty, truncated or corrupt, or ``adata`` lacks genes of the model.
         """
@@ -104,12 +109,14 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
             )
         saved_adata = os.path.join(dir_path, f"{prefix}adata.h5ad")
         given = adata is not None
-        if not given and os.path.exists(saved_adata):
-            adata = read_h5ad_checked(saved_adata)  # h5ad holds arrays, never pickles
         with tempfile.TemporaryDirectory(prefix="scvi_unlearn_load_") as private:
             # Check and load the same private copy: the file cannot change in between.
             copied = shutil.copy(model_file, os.path.join(private, f"{prefix}model.pt"))
-            saved = check_safe_model_file(copied)
+            saved = check_safe_model_file(copied, shown_as=model_file)
+            # Before any data is read: a SCANVI, TOTALVI, ... directory is refused by name.
+            check_supported_saved(saved.get("attr_dict") or {}, dir_path)
+            if not given and os.path.exists(saved_adata):
+                adata = read_h5ad_checked(saved_adata)  # h5ad holds arrays, never pickles
             if given:
                 adata = genes_in_model_order(adata, saved["var_names"])
                 adata = cells_of_held_donors(adata, saved.get("attr_dict") or {})
@@ -146,15 +153,16 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
 
         The wrapped model is independent of the original: training or unlearning it never
         changes the original's parameters. See :func:`clone_model`.
+
+        Raises
+        ------
+        UnsupportedModelError
+            (a ``TypeError``) If ``model`` is not an ``scvi.model.SCVI`` (SCANVI, TOTALVI, ...)
+            or is a configuration of :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS`.
         """
         if isinstance(model, cls):
             return model
-        if type(model) is not scvi.model.SCVI and not isinstance(model, scvi.model.SCVI):
-            raise TypeError(
-                f"`from_scvi` wraps scvi-tools' SCVI models; got a {type(model).__name__}. "
-                "Other models (SCANVI, TOTALVI, ...) train with other losses and plans, which "
-                "the audit and the unlearning methods do not reproduce."
-            )
+        check_supported_model(model)
         return clone_model(model, cls)
 
     @property
