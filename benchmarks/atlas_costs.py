@@ -32,10 +32,9 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import TARGET, load, markdown_table, require_data
 from scipy import sparse
 from scvi.model._utils import get_max_epochs_heuristic
-from unlearning import DATA, TARGET, load
 
 import scvi_unlearn as su
 
@@ -122,5 +121,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()

@@ -72,7 +72,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import KANG_FILE, MEMORISING, PBMC3K_FILE, SCVI_DEFAULT, data_file, markdown_table
 from scipy.stats import norm
 
 import scvi_unlearn as su
@@ -82,8 +82,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 RECIPES = {
-    "default": {"n_hidden": 128, "n_latent": 10, "n_layers": 1},
-    "memorising": {"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+    "default": SCVI_DEFAULT,
+    "memorising": MEMORISING,
 }
 DATASETS = ("kang", "pbmc3k")
 N_SHADOWS = 16
@@ -516,8 +516,8 @@ def report(units: list[dict], args, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kang", default="../shared/data/kang2018_pbmc12k.h5ad")
-    parser.add_argument("--pbmc3k", default="../shared/data/pbmc3k.h5ad")
+    parser.add_argument("--kang", default=str(data_file(KANG_FILE)))
+    parser.add_argument("--pbmc3k", default=str(data_file(PBMC3K_FILE)))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--n-cells", type=int, default=2000)

@@ -36,7 +36,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import KANG_FILE, SCVI_DEFAULT, data_file, markdown_table
 
 import scvi_unlearn as su
 from scvi_unlearn._utils import to_jsonable
@@ -90,7 +90,7 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kang", default="../shared/data/kang2018_pbmc12k.h5ad")
+    parser.add_argument("--kang", default=str(data_file(KANG_FILE)))
     parser.add_argument("--cells-per-donor", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--shadows", type=int, default=8)
@@ -111,7 +111,7 @@ def main() -> None:
 
     adata = load(args.kang, args.cells_per_donor, args.seed)
     recipe = su.Recipe(
-        model_kwargs={"n_hidden": 128, "n_latent": 10, "n_layers": 1},
+        model_kwargs=SCVI_DEFAULT,
         train_kwargs={"max_epochs": args.epochs, "batch_size": 128},
     )
     start = time.perf_counter()

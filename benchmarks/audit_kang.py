@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import KANG_FILE, MEMORISING, data_file, markdown_table
 from sklearn.neighbors import NearestNeighbors
 
 import scvi_unlearn as su
@@ -39,7 +40,7 @@ matplotlib.use("Agg")
 
 RECIPES = {
     "default": {},
-    "large": {"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+    "large": MEMORISING,
 }
 
 
@@ -108,9 +109,9 @@ def run(args) -> dict:
         report = mi.audit(target, members=split.forget, nonmembers=split.nonmember)
         t_audit = time.perf_counter() - t0
         report.to_json(str(out / f"report_{name}.json"))
-        report.plot_roc(
-            save=str(out / f"roc_{name}.png"), show=False, title=f"{name} scVI, {args.population}"
-        )
+        ax = report.plot_roc(show=False, title=f"{name} scVI, {args.population}")
+        ax.figure.savefig(out / f"roc_{name}.png", dpi=150, bbox_inches="tight")
+        plt.close(ax.figure)
         frame = report.to_frame().reset_index()
         frame.insert(0, "recipe", name)
         frame.insert(1, "contrast", "same population (held-out Megakaryocytes)")
@@ -220,7 +221,7 @@ def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="../shared/data/kang2018_pbmc12k.h5ad")
+    parser.add_argument("--data", default=str(data_file(KANG_FILE)))
     parser.add_argument("--population", default="Megakaryocytes")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=100)

@@ -41,12 +41,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
-from unlearning import DATA, DATASET_SETTINGS, load
-from unlearning_protocol import cell_sets, fit_target
+from _common import DATASET_SETTINGS, QUIET, load, markdown_table, require_data
+from _protocol import cell_sets, fit_target, most_seeds
 
 APPROXIMATE = ("contrastive", "reset_relearn", "oracle_matching", "ssd", "fisher")
-QUIET = {"enable_progress_bar": False, "accelerator": "cpu"}
 
 
 def attempt_rows(target, dev, method: str, seed: int, refs_dir: str, forget_type: str) -> dict:
@@ -81,7 +79,7 @@ def decide(frame: pd.DataFrame) -> list[str]:
     chosen = []
     for method, part in frame.groupby("method"):
         by_set = part.groupby("forget").accepted.agg(["sum", "count"])
-        if ((by_set["sum"] * 3) >= (2 * by_set["count"])).any():
+        if most_seeds(by_set["sum"], by_set["count"]).any():
             chosen.append((float(part.attempt_s.mean()), method))
     return [m for _, m in sorted(chosen)]
 
@@ -148,5 +146,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()

@@ -41,30 +41,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from _common import write_results
+from _common import KANG_FILE, QUIET, data_file, git_commit, utc_date, write_results
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 import scvi_unlearn as su
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DONOR_KEY = "sample_id"
 HELD_OUT = 0.1
 N_PERMANENT = 2
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
 def load() -> tuple[object, np.ndarray, np.ndarray]:
     """Kang, its training cells and its held-out cells (10% of every donor)."""
-    adata = su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
+    adata = su.data.kang2018(path=data_file(KANG_FILE))
     rng = np.random.default_rng(0)
     held = []
     for donor in sorted(adata.obs[DONOR_KEY].astype(str).unique()):
@@ -260,8 +256,7 @@ def main() -> None:
     if args.partial is not None:
         return partial(args, out, adata, train, held_out, permanent, picks[1])
     if not args.report_only:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False).stdout.strip()  # fmt: skip
+        head = git_commit()
         done = {r["seed"] for r in rows}
         for seed in range(args.seeds):
             if seed in done:
@@ -290,17 +285,16 @@ def main() -> None:
     write_results(
         out, "results", "Deletion-ready training: removing a donor exactly",
         f"Command: `python benchmarks/deletion_ready.py --seeds {args.seeds} --epochs "
-        f"{args.epochs}`; commit {commit}, {datetime.now(UTC):%Y-%m-%d}; seeds "
+        f"{args.epochs}`; commit {commit}, {utc_date()}; seeds "
         f"{seeds}; 1 torch thread; times from the same run. Permanent donors {permanent}; "
         f"utility on the held-out cells of the remaining donors.",
-        table, ["", "Targets:", "", *targets],
+        table, ["", "Targets:", "", *targets], commit=commit,
     )  # fmt: skip
 
 
 def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
     """``--partial N``: rows, summary and page of the partial-donor request."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()  # fmt: skip
+    head = git_commit()
     rows_file = out / "rows_partial.json"
     rows = json.loads(rows_file.read_text()) if rows_file.exists() else []
     if not args.report_only:
@@ -317,9 +311,9 @@ def partial(args, out: Path, adata, train, held_out, permanent, donor) -> None:
         out, "results_partial", "Deletion-ready training: removing some cells of a donor",
         f"Command: `python benchmarks/deletion_ready.py --partial {args.partial} --seeds "
         f"{args.seeds} --epochs {args.epochs}`; commit {commit}, "
-        f"{datetime.now(UTC):%Y-%m-%d}; seeds {sorted({r['seed'] for r in rows})}; 1 "
+        f"{utc_date()}; seeds {sorted({r['seed'] for r in rows})}; 1 "
         "torch thread; times from the same run; utility on every held-out cell.",
-        table,
+        table, commit=commit,
     )  # fmt: skip
 
 

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from _common import git_commit, utc_date
 
 
 def main() -> None:
@@ -46,15 +47,14 @@ def main() -> None:
         print(f"demo --quick: {seconds:.1f} s (exit {done.returncode})", flush=True)
         if done.returncode:
             print(done.stdout[-2000:], done.stderr[-2000:])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()  # fmt: skip
+    commit = git_commit()
     result = {
         "command": "scvi-unlearn demo --quick",
         "runs": runs,
         "max_seconds": max(r["seconds"] for r in runs),
         "cpu_count": os.cpu_count(),
         "commit": commit,
-        "date": f"{datetime.now(UTC):%Y-%m-%d}",
+        "date": utc_date(),
     }
     lines = [
         "# Wall time of `scvi-unlearn demo --quick`",

@@ -58,16 +58,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
-from unlearning import DATA, DATASET_SETTINGS, TARGET, load
-from unlearning_protocol import pair_of_splits
+from _common import DATASET_SETTINGS, QUIET, TARGET, load, markdown_table, require_data
+from _protocol import most_seeds, pair_of_splits
 
 import scvi_unlearn as su
 from scvi_unlearn._utils import dump_json
 
 LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
 EPSILONS = (1.0, 10.0, 50.0)
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
 def setup(args) -> tuple:
@@ -126,7 +124,7 @@ def main() -> None:
         args.retrain_seeds, args.n_shadows = min(args.retrain_seeds, 3), 2
         args.dp_seeds = min(args.dp_seeds, 2)
     else:
-        assert DATA.exists(), f"real data expected in {DATA}"
+        require_data()
     out = Path(args.out or (tempfile.mkdtemp() if args.smoke else "benchmarks/results/dp_sgd"))
     (out / "cells").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -236,7 +234,7 @@ def largest_epsilon(frame: pd.DataFrame, passes) -> str:
     """Largest target epsilon whose seeds pass in >= 2 of 3 (a majority), or "none"."""
     passing = []
     for name, part in frame[frame.model.str.startswith("DP")].groupby("model"):
-        if passes(part).sum() * 3 >= 2 * len(part):
+        if most_seeds(passes(part).sum(), len(part)):
             passing.append(float(name.split("=")[1].split()[0]))  # "DP eps=10 (train)"
     return f"{max(passing):g}" if passing else "none"
 

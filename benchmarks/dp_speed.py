@@ -21,27 +21,18 @@ Run::
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scvi
 import torch
-from _common import markdown_table
-from unlearning import DATA, TARGET, load
+from _common import QUIET, TARGET, load, markdown_table, require_data, timed
 
 import scvi_unlearn as su
 from scvi_unlearn._utils import dump_json
 
 LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
-def timed(fit) -> float:
-    t0 = time.perf_counter()
-    fit()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -78,7 +69,7 @@ def main() -> None:
             "non-private": plain}  # fmt: skip
     rows = []
     for name, fit in runs.items():
-        seconds = float(np.median([timed(fit) for _ in range(args.repeats)]))
+        seconds = float(np.median([timed(fit)[1] for _ in range(args.repeats)]))
         rows.append({"mode": name, "wall_s": seconds, "steps": steps.get(name)})
         print(rows[-1], flush=True)
     base = next(r["wall_s"] for r in rows if r["mode"] == "non-private")
@@ -103,5 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()

@@ -27,21 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
-from unlearning import DATA, DATASET_SETTINGS, TARGET, load
-from unlearning_protocol import POPULATIONS
+from _common import DATASET_SETTINGS, QUIET, TARGET, load, markdown_table, require_data, timed
+from _protocol import POPULATIONS
 
 import scvi_unlearn as su
 from scvi_unlearn.train import diagonal_fisher, gather_tensors
 from scvi_unlearn.train._common import iter_chunks
-
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def run_dataset(name: str, args) -> list[dict]:
@@ -109,5 +100,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()

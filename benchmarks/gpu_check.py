@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from _common import MEMORISING
 
 import scvi_unlearn as su
 from scvi_unlearn._demo import demo_recipe
@@ -147,7 +148,7 @@ def kang_timings(path: str, out: dict, deadline: float) -> None:
     out["kang_throughput"] = []
     for arch, kwargs in {
         "default": {},
-        "large": {"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+        "large": MEMORISING,
     }.items():
         model = su.Recipe(model_kwargs=kwargs, train_kwargs={"max_epochs": 1}).fit(
             adata.copy(), seed=0, accelerator=ACCEL, enable_progress_bar=False
@@ -169,7 +170,7 @@ def kang_timings(path: str, out: dict, deadline: float) -> None:
         return
     split = su.data.membership_split(adata, ("cell_type", "Megakaryocytes"), seed=0)
     recipe = su.Recipe(
-        model_kwargs={"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+        model_kwargs=MEMORISING,
         train_kwargs={"max_epochs": 100, "train_size": 1.0},
     )
     t0 = time.perf_counter()

@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
-from unlearning import DATA, DATASET_SETTINGS, load
+from _common import DATASET_SETTINGS, load, markdown_table, require_data
 
 import scvi_unlearn as su
 from scvi_unlearn.audit import train_shadow_pool
@@ -124,5 +123,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()

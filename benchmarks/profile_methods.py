@@ -21,11 +21,9 @@ from pathlib import Path
 
 import scanpy as sc
 import torch
+from _common import PBMC3K_FILE, TARGET, data_file
 
 import scvi_unlearn as su
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TARGET = {"n_hidden": 512, "n_layers": 2, "n_latent": 30}
 
 
 def main() -> None:
@@ -36,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    adata = su.data.pbmc3k(path=DATA / "pbmc3k.h5ad")
+    adata = su.data.pbmc3k(path=data_file(PBMC3K_FILE))
     hvg = sc.pp.highly_variable_genes(adata, n_top_genes=1000, flavor="seurat_v3", inplace=False)
     adata = adata[:, hvg["highly_variable"].to_numpy()].copy()
     split = su.data.membership_split(adata, ("cell_type", "Platelet"), seed=0)

@@ -29,20 +29,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from _common import write_results
+from _common import (
+    KANG_FILE,
+    MEMORISING,
+    PBMC3K_FILE,
+    data_file,
+    git_commit,
+    utc_date,
+    write_results,
+)
 
 import scvi_unlearn as su
 from scvi_unlearn._demo import DEMO_SETTINGS, RARE_TYPE, demo_recipe
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ROWS = {
     "retrain": ("retrain", {}),
     "retrain_fast, one round of 0.1": ("retrain_fast", {"max_budget": 0.1}),
@@ -61,11 +66,11 @@ def requests(dataset: str, seed: int):
         yield "demo structured", adata, split, demo_recipe(s["max_epochs"])
         return
     memorising = su.Recipe(
-        model_kwargs={"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+        model_kwargs=MEMORISING,
         train_kwargs={"max_epochs": 100, "train_size": 1.0},
     )
     if dataset == "kang":
-        adata = su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
+        adata = su.data.kang2018(path=data_file(KANG_FILE))
         structured = su.data.membership_split(adata, ("cell_type", "Dendritic cells"), seed=seed)
         yield "kang structured", adata, structured, memorising
         smallest = adata.obs["sample_id"].value_counts().index[-1]
@@ -81,7 +86,7 @@ def requests(dataset: str, seed: int):
         return
     import scanpy as sc
 
-    adata = su.data.pbmc3k(path=DATA / "pbmc3k.h5ad")
+    adata = su.data.pbmc3k(path=data_file(PBMC3K_FILE))
     hvg = sc.pp.highly_variable_genes(adata, n_top_genes=1000, flavor="seurat_v3", inplace=False)
     adata = adata[:, hvg["highly_variable"].to_numpy()].copy()
     recipe = memorising
@@ -155,8 +160,7 @@ def main() -> None:
             rows += run(*request, args.seeds, args.rows)
             (out / "rows.json").write_text(json.dumps(rows, indent=2))
     table = summarise(pd.DataFrame(rows))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()  # fmt: skip
+    commit = git_commit()
     rows_flag = (
         "" if args.rows == list(ROWS) else " --rows " + " ".join(f'"{r}"' for r in args.rows)
     )
@@ -164,8 +168,8 @@ def main() -> None:
         out, "results", "The default unlearning (retrain_fast) against a full retrain",
         f"Command: `python benchmarks/retrain_adaptive.py --seeds {args.seeds} --datasets "
         f"{' '.join(args.datasets)}{rows_flag}`; commit {commit}, "
-        f"{datetime.now(UTC):%Y-%m-%d}; 1 torch thread; times from the same run.",
-        table,
+        f"{utc_date()}; 1 torch thread; times from the same run.",
+        table, commit=commit,
     )  # fmt: skip
 
 

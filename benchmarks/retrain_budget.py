@@ -36,12 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import write_results
+from _common import KANG_FILE, TARGET, data_file, write_results
 
 import scvi_unlearn as su
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TARGET = {"n_hidden": 512, "n_layers": 2, "n_latent": 30}
 BUDGETS = (0.1, 0.25, 0.5)
 
 
@@ -157,7 +155,7 @@ def main() -> None:
     if args.report_only:
         rows = json.loads((out / "rows.json").read_text())
     else:
-        adata = su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
+        adata = su.data.kang2018(path=data_file(KANG_FILE))
         rows = []
         for forget in args.forget:
             rows += run(forget, adata, args)

@@ -25,26 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import KANG_FILE, MEMORISING, data_file, markdown_table, repeat_timed
 
 import scvi_unlearn as su
 from scvi_unlearn.module import sparse_nll
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARCHITECTURES = {
     "default": {},
-    "large": {"n_hidden": 512, "n_layers": 2, "n_latent": 30},
+    "large": MEMORISING,
 }
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 @torch.no_grad()
@@ -80,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    adata = su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
+    adata = su.data.kang2018(path=data_file(KANG_FILE))
     rows, profiles = [], []
     for arch, kwargs in ARCHITECTURES.items():
         torch.set_num_threads(2)
@@ -89,7 +78,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for bs in args.batch_sizes:
-                times = _timed(
+                times = repeat_timed(
                     lambda m=model, b=bs: su.attack_features(m, batch_size=b), args.repeats
                 )
                 rows.append(

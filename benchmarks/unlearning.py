@@ -53,12 +53,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import DATASET_SETTINGS, TARGET, load, markdown_table
 
 import scvi_unlearn as su
 
 matplotlib.use("Agg")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 METHODS = {
     # row name: (method, hyper-parameters); cheap methods first, so a run cut short has them
@@ -72,13 +71,6 @@ METHODS = {
     "extragradient_l5": ("extragradient", {"lambda_": 5.0}),
 }
 FISHER_ALPHAS = (1e-5, 1e-4, 1e-3)  # chosen among on selection cells; see select_fisher_alpha
-TARGET = {"n_hidden": 512, "n_layers": 2, "n_latent": 30}
-# Per data set: target epochs at which the larger scVI measurably memorises (its baseline
-# leak is in every table), shadow count, and pbmc3k's HVGs. Shadows are cached per data set.
-DATASET_SETTINGS = {
-    "pbmc3k": {"epochs": 60, "n_shadows": 4, "n_hvg": 1000},
-    "kang": {"epochs": 100, "n_shadows": 4, "n_hvg": None},
-}
 POPULATIONS = {"kang": "Megakaryocytes", "pbmc3k": "Platelet"}
 ORIGINAL = {  # the project page's headline table (its own VAE, PBMC-33k)
     "baseline": 0.769,
@@ -88,16 +80,6 @@ ORIGINAL = {  # the project page's headline table (its own VAE, PBMC-33k)
     "fisher (structured)": 0.814,
     "retrain": 0.481,
 }
-
-
-def load(name: str, n_hvg: int):
-    if name == "kang":
-        return su.data.kang2018(path=DATA / "kang2018_pbmc12k.h5ad")
-    import scanpy as sc
-
-    adata = su.data.pbmc3k(path=DATA / "pbmc3k.h5ad")
-    hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_hvg, flavor="seurat_v3", inplace=False)
-    return adata[:, hvg["highly_variable"].to_numpy()].copy()
 
 
 def make_split(adata, dataset: str, forget_type: str, seed: int):

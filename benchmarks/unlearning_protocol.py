@@ -10,8 +10,9 @@ Protocol (written before running; docs/methods.md: protocol, success):
   developed on. ``membership_split`` holds out half of each population, so each set has
   same-population non-members; the target trains on everything else except a held-out
   background (for utility), itself split into a development and a reporting half.
-- Target: the memorising recipe of ``unlearning.py`` (``--target memorising``) or scVI as labs
-  train it (``--target default``: default architecture and epochs).
+- Target: the memorising recipe of ``unlearning.py`` (``_common.TARGET``; ``--target
+  memorising``) or scVI as labs train it (``--target default``: default architecture and
+  epochs).
 - Hyper-parameters are chosen on the development set only: Fisher's ``alpha`` is the
   smallest of ``FISHER_ALPHAS`` whose development audit finds no leak with held-out neg. ELBO
   within 5% of the trained model's; the other methods run at their library defaults, which were
@@ -80,15 +81,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
-from unlearning import DATA, DATASET_SETTINGS, TARGET, load
+from _common import DATASET_SETTINGS, load, markdown_table, require_data
+from _protocol import cell_sets, fit_target, most_seeds
 
 import scvi_unlearn as su
 
-POPULATIONS = {
-    "kang": {"report": "Dendritic cells", "develop": "Megakaryocytes"},
-    "pbmc3k": {"report": "FCGR3A+ Mono", "develop": "NK"},
-}
 METHODS = {
     # row: (method, hyper-parameters); cheapest first so a run cut short has them
     "ssd": ("ssd", {}),
@@ -114,57 +111,6 @@ EXACT = {"retrain", "retrain_fast"}
 FISHER_ALPHAS = (1e-5, 1e-4, 1e-3)
 MIN_HEADLINE_CELLS = 60
 RELEARN_EPOCHS = 3
-
-
-def pair_of_splits(adata, dataset: str, forget_type: str, seed: int):
-    """(reporting split, development split), populations disjoint."""
-    if forget_type == "structured":
-        pops = POPULATIONS[dataset]
-        rep = ("cell_type", pops["report"])
-        dev = ("cell_type", pops["develop"])
-    elif forget_type == "scattered":
-        n = 2 * int((adata.obs["cell_type"] == POPULATIONS[dataset]["report"]).sum() // 2)
-        rep = su.data.scattered_forget_set(adata, n, seed=seed)
-        dev = su.data.scattered_forget_set(adata, n, seed=seed + 1, exclude=rep)
-    elif forget_type == "donor":
-        donors = adata.obs["sample_id"].value_counts()
-        rep, dev = ("sample_id", donors.index[-1]), ("sample_id", donors.index[-2])
-    else:
-        raise ValueError(forget_type)
-    return (
-        su.data.membership_split(adata, rep, holdout_fraction=0.5, seed=seed),
-        su.data.membership_split(adata, dev, holdout_fraction=0.5, seed=seed + 1),
-    )
-
-
-def cell_sets(adata, dataset: str, forget_type: str, seed: int) -> argparse.Namespace:
-    """The target's training cells, the reporting and development sets, the backgrounds."""
-    rep, dev_split = pair_of_splits(adata, dataset, forget_type, seed)
-    # One target for both sets: the reporting split's training cells minus the development
-    # population's held-out half. Development members are its cells the target trains on,
-    # its non-members all its cells the target never sees.
-    train = np.setdiff1d(rep.train, dev_split.nonmember)
-    dev_population = np.union1d(dev_split.forget, dev_split.nonmember)
-    dev = argparse.Namespace(
-        forget=np.intersect1d(dev_population, train),
-        nonmember=np.setdiff1d(dev_population, train),
-    )
-    populations = np.concatenate([rep.forget, rep.nonmember, dev_population])
-    background = np.setdiff1d(np.setdiff1d(np.arange(adata.n_obs), train), populations)
-    bg_rep, bg_dev = su.data.validation_split(background, 0.5, seed=seed)
-    return argparse.Namespace(rep=rep, dev=dev, train=train, bg_rep=bg_rep, bg_dev=bg_dev)
-
-
-def fit_target(adata, train, args, **quiet):
-    """The protocol's target on ``train`` (``--target``), and its wall time."""
-    model_kwargs = TARGET if args.target == "memorising" else {}
-    train_kwargs = {"train_size": 1.0}
-    if args.target == "memorising":
-        train_kwargs["max_epochs"] = args.epochs
-    recipe = su.Recipe(model_kwargs=model_kwargs, train_kwargs=train_kwargs)
-    t0 = time.perf_counter()
-    target = recipe.fit_cells(adata, train, seed=args.seed, **quiet)
-    return target, time.perf_counter() - t0
 
 
 def cached_model(folder: Path, adata, fit):
@@ -534,7 +480,7 @@ def _relearn_text(part: pd.DataFrame) -> str:
 def _success(name: str, part: pd.DataFrame, n_forgotten: int) -> str:
     """The success rule of a method's rows.
 
-    SUCCESS: forgotten in >= 2 of 3 seeds (a majority), faster than a full retrain, powered,
+    SUCCESS: forgotten in >= 2 of 3 seeds (``most_seeds``), faster than a full retrain, powered,
     and the forget cells do not come back after relearning in a majority of the checked seeds
     (a method that only suppressed their signal has not removed it).
     """
@@ -542,13 +488,12 @@ def _success(name: str, part: pd.DataFrame, n_forgotten: int) -> str:
         return "(reference)"
     if not part.powered.all():
         return "underpowered"
-    majority = n_forgotten * 3 >= 2 * len(part)
-    if not (majority and part.time_vs_retrain.mean() < 1):
+    if not (most_seeds(n_forgotten, len(part)) and part.time_vs_retrain.mean() < 1):
         return "fail"
     if "relearn_verdict" in part:
         checked = part[part.relearn_verdict.notna()]
         leaks = int((checked.relearn_verdict == su.audit.LEAK).sum())
-        if len(checked) and leaks * 3 >= 2 * len(checked):
+        if len(checked) and most_seeds(leaks, len(checked)):
             return "fail: comes back after relearning"
     return "SUCCESS"
 
@@ -616,5 +561,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert DATA.exists(), f"real data expected in {DATA}"
+    require_data()
     main()
