@@ -15,6 +15,7 @@ from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.audit import MembershipInference, overall_result
 from scvi_unlearn.data import membership_split, synthetic_pbmc
 from scvi_unlearn.model import verify_unlearning, write_unlearning_certificate
+from scvi_unlearn.pl._utils import save_figure
 from scvi_unlearn.utility import utility_metrics
 
 #: Demo sizes. ``quick``: 65 + 65 rare cells to audit, 4 shadows; ``benchmarks/demo_time.py``
@@ -81,7 +82,7 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, seed: int
     ).fit()
     report = mi.audit(model, members=split.forget, nonmembers=split.nonmember)
     report.to_json(str(out / "audit_baseline.json"))
-    report.plot_roc(save=str(out / "audit_baseline_roc.png"), show=False)
+    save_figure(report.plot_roc(show=False).figure, out / "audit_baseline_roc.png")
     background = np.setdiff1d(split.heldout, split.nonmember)
     rows: list[dict[str, Any]] = [
         _row(

@@ -25,6 +25,7 @@ from scvi_unlearn._validation import check_trained
 from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInference
 from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
 from scvi_unlearn.model import SCVI, train_deletion_ready, verify_unlearning
+from scvi_unlearn.pl._utils import save_figure
 from scvi_unlearn.train import METHODS
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def _write_report(report, out: Path) -> int:
     }
     report.to_json(str(files["report"]))
     report.to_frame().to_csv(files["table"])
-    report.plot_roc(save=str(files["roc"]), show=False)
+    save_figure(report.plot_roc(show=False).figure, files["roc"])
     report.save_html(files["certificate"])
     print("\nWrote " + ", ".join(str(f) for f in files.values()))
     return 0

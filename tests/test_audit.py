@@ -198,9 +198,12 @@ def test_report_round_trips_and_plots(overfit_case, tmp_path):
     assert (frame["advantage"] - 2 * (frame["auc"] - 0.5).abs()).abs().max() < 1e-12
     summary = report.summary()
     json.dumps(summary)  # plain JSON
-    ax = report.plot_roc(save=str(tmp_path / "roc.png"), show=False)
-    assert (tmp_path / "roc.png").stat().st_size > 0
+    ax = report.plot_roc(show=False)
     assert len(ax.lines) == len(report.results) + 1  # one curve per attack + chance
+    ax.figure.savefig(tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    with pytest.raises(TypeError, match="save"):
+        report.plot_roc(save=str(tmp_path / "again.png"), show=False)
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import inspect
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -120,12 +122,13 @@ def test_method_comparison_reads_report_frames():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["loss", "lira_online"]
 
 
-def test_method_comparison_on_given_axes_and_save(methods_table, tmp_path):
-    _, given = plt.subplots()
-    path = tmp_path / "sub" / "methods.png"
-    ax = su.pl.method_comparison(methods_table, ax=given, save=path, show=False)
-    assert ax is given
-    assert path.is_file() and path.stat().st_size > 0
+def test_method_comparison_on_given_axes_returns_them(methods_table, tmp_path):
+    fig, given = plt.subplots()
+    ax = su.pl.method_comparison(methods_table, ax=given, show=False)
+    assert ax is given and ax.figure is fig
+    assert len(ax.containers) == len(methods_table)
+    ax.figure.savefig(tmp_path / "methods.png")  # how a figure is saved
+    assert (tmp_path / "methods.png").stat().st_size > 0
 
 
 def test_method_comparison_errors(methods_table):
@@ -155,14 +158,12 @@ def utility_table() -> pd.DataFrame:
     )
 
 
-def test_utility_comparison_grouped_bars(utility_table, tmp_path):
-    path = tmp_path / "utility.png"
-    ax = su.pl.utility_comparison(utility_table, save=path, show=False)
+def test_utility_comparison_grouped_bars(utility_table):
+    ax = su.pl.utility_comparison(utility_table, show=False)
     assert isinstance(ax, Axes)
     assert len(ax.containers) == 3  # one bar container per model
     assert len(ax.patches) == 3 * 3  # numeric columns only ("note" skipped)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["elbo", "knn_accuracy", "silhouette"]
-    assert path.is_file()
 
 
 def test_utility_comparison_relative(utility_table):
@@ -209,19 +210,17 @@ def _assert_same(before, after):
     assert before[4:] == after[4:]
 
 
-def test_latent_embedding_umap_side_by_side(small_model, tmp_path):
+def test_latent_embedding_umap_side_by_side(small_model):
     adata = small_model.adata.copy()  # a fresh object the models were not set up with
     del adata.uns["_scvi_uuid"], adata.uns["_scvi_manager_uuid"]
     before = _snapshot(adata)
     forget = np.flatnonzero(adata.obs["cell_type"] == "Megakaryocyte")
-    path = tmp_path / "umap.png"
     axes = su.pl.latent_embedding(
         {"before": small_model, "after": small_model},
         adata,
         highlight=forget,
         highlight_label="forget set",
         n_neighbors=10,
-        save=path,
         show=False,
     )
     assert len(axes) == 2 and all(isinstance(ax, Axes) for ax in axes)
@@ -232,7 +231,6 @@ def test_latent_embedding_umap_side_by_side(small_model, tmp_path):
         assert len(background.get_offsets()) == adata.n_obs - forget.size
         assert len(highlighted.get_offsets()) == forget.size
     assert "forget set" in [t.get_text() for t in axes[-1].get_legend().get_texts()]
-    assert path.is_file() and path.stat().st_size > 0
     _assert_same(before, _snapshot(adata))
 
 
@@ -277,13 +275,102 @@ def test_latent_embedding_errors(small_model):
 # --- roc_curves ----------------------------------------------------------------------------
 
 
-def test_roc_curves_still_work(tmp_path):
+@pytest.fixture
+def roc_report() -> AuditReport:
     rng = np.random.default_rng(1)
     results = {
-        "loss": score_attack("loss", rng.normal(1, 1, 40), rng.normal(0, 1, 40), [0.5], "x")
+        name: score_attack(name, rng.normal(shift, 1, 40), rng.normal(0, 1, 40), [0.5], "x")
+        for name, shift in (("loss", 1.0), ("rmia", 0.3))
     }
-    report = AuditReport(results, {"n_members": 40, "n_nonmembers": 40})
-    ax = su.pl.roc_curves(report, save=tmp_path / "roc.png", show=False)
+    return AuditReport(results, {"n_members": 40, "n_nonmembers": 40})
+
+
+def test_roc_curves_draw_one_line_per_attack_and_chance(roc_report):
+    ax = su.pl.roc_curves(roc_report, show=False)
     assert isinstance(ax, Axes)
-    assert len(ax.get_lines()) == 2  # the attack and the chance diagonal
-    assert (tmp_path / "roc.png").is_file()
+    labels = [line.get_label() for line in ax.get_lines()]
+    auc = {name: f"{r.auc:.2f}" for name, r in roc_report.results.items()}
+    assert labels == [f"loss (AUC {auc['loss']})", f"rmia (AUC {auc['rmia']})", "chance"]
+    assert ax.get_lines()[-1].get_linestyle() == "--"
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    # no curve below FPR 1 / n_nonmembers, which 40 non-members cannot measure
+    assert min(np.min(line.get_xdata()) for line in ax.get_lines()[:-1]) >= 1 / 40 - 1e-12
+    only = su.pl.roc_curves(roc_report, attacks=["rmia"], log_scale=False, show=False)
+    assert [line.get_label() for line in only.get_lines()] == [labels[1], "chance"]
+    assert only.get_xscale() == "linear"
+    assert roc_report.plot_roc(show=False).get_lines()[0].get_label() == labels[0]
+
+
+# --- the API: options keyword-only, typed axes, no save= ---------------------------------
+def _pl_calls(small_model, methods_table, utility_table, roc_report):
+    """(function, its data arguments, one option) of every plot function."""
+    return [
+        (su.pl.roc_curves, (roc_report,), {"title": "t"}),
+        (su.pl.method_comparison, (methods_table,), {"metric": "auc"}),
+        (su.pl.utility_comparison, (utility_table,), {"annotate": True}),
+        (su.pl.latent_embedding, ({"m": small_model},), {"basis": "latent"}),
+    ]
+
+
+PL_FUNCTIONS = [
+    su.pl.roc_curves,
+    su.pl.method_comparison,
+    su.pl.utility_comparison,
+    su.pl.latent_embedding,
+]
+#: The data arguments each function takes positionally; everything else is keyword-only.
+DATA_ARGUMENTS = {
+    "roc_curves": ["report"],
+    "method_comparison": ["table"],
+    "utility_comparison": ["table"],
+    "latent_embedding": ["models", "adata"],
+}
+
+
+@pytest.mark.parametrize("function", PL_FUNCTIONS, ids=lambda f: f.__name__)
+def test_plot_options_are_keyword_only_with_typed_axes_and_no_save(function):
+    signature = inspect.signature(function)
+    positional = [
+        name
+        for name, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    assert positional == DATA_ARGUMENTS[function.__name__]
+    assert "save" not in signature.parameters
+    axes_name = "axes" if "axes" in signature.parameters else "ax"
+    axes = signature.parameters[axes_name]
+    assert axes.kind is axes.KEYWORD_ONLY and axes.default is None
+    # annotations are strings (``from __future__ import annotations``), types only for checkers
+    assert axes.annotation in ("Axes | None", "Sequence[Axes] | None")
+    assert signature.return_annotation in ("Axes", "list[Axes]")
+    assert signature.parameters["show"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_save_and_positional_options_raise_type_error(
+    small_model, methods_table, utility_table, roc_report, tmp_path
+):
+    for function, data, option in _pl_calls(small_model, methods_table, utility_table, roc_report):
+        with pytest.raises(TypeError, match="save"):
+            function(*data, save=tmp_path / "x.png", show=False, **option)
+        (value,) = option.values()
+        extra = (None,) if function is su.pl.latent_embedding else ()  # its adata slot
+        with pytest.raises(TypeError, match="positional"):
+            function(*data, *extra, value, show=False)
+        assert not (tmp_path / "x.png").exists()
+    with pytest.raises(TypeError, match="save"):
+        roc_report.plot_roc(save=tmp_path / "x.png", show=False)
+    with pytest.raises(TypeError, match="positional"):
+        roc_report.plot_roc(plt.subplots()[1])
+
+
+def test_show_defaults_to_a_figure_the_function_created(roc_report, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(1))
+    _, given = plt.subplots()
+    su.pl.roc_curves(roc_report, ax=given)  # the caller's axes: the caller shows them
+    assert shown == []
+    ax = su.pl.roc_curves(roc_report)  # its own figure: shown, scanpy-style
+    assert shown == [1] and ax.figure is not given.figure
+    su.pl.roc_curves(roc_report, show=False)
+    su.pl.roc_curves(roc_report, ax=given, show=True)
+    assert shown == [1, 1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from scvi_unlearn.audit._metrics import (
     tpr_at_fpr,
 )
 from scvi_unlearn.pl import roc_curves
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: FPRs at which every report states the TPR (where its non-members can measure it).
 LOW_FPRS = (0.01, 0.001)
@@ -331,9 +334,12 @@ class AuditReport:
         """
         return write_certificate(self, path, title=title)
 
-    def plot_roc(self, ax=None, show: bool | None = None, save: str | None = None, **kwargs):
-        """ROC curves of every attack (see :func:`scvi_unlearn.pl.roc_curves`)."""
-        return roc_curves(self, ax=ax, show=show, save=save, **kwargs)
+    def plot_roc(self, *, ax: Axes | None = None, show: bool | None = None, **kwargs) -> Axes:
+        """ROC curves of every attack (see :func:`scvi_unlearn.pl.roc_curves`).
+
+        Returns the matplotlib axes; save the figure with ``ax.figure.savefig(path)``.
+        """
+        return roc_curves(self, ax=ax, show=show, **kwargs)
 
     def __repr__(self) -> str:
         head = (

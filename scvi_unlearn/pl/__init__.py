@@ -1,7 +1,8 @@
 """Plots in scanpy style.
 
-Every function takes ``ax=`` (or ``axes=``), ``show=`` and ``save=`` and returns the
-matplotlib axes.
+Every function takes its data positionally and its options keyword-only, among them ``ax=``
+(or ``axes=``) and ``show=`` (default: show a figure the function created itself), and returns
+the matplotlib axes; save with ``ax.figure.savefig(path)``.
 
 - :func:`roc_curves`: ROC curves of every attack of an audit (log-log: the low-FPR regime).
 - :func:`method_comparison`: a privacy metric per unlearning method with CIs, against the

@@ -12,7 +12,8 @@ from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from pathlib import Path
+
+    from matplotlib.axes import Axes
 
 #: Colours of succeeded / failed runs (``success`` column) and of the reference band.
 SUCCESS_COLOR = "#2a9d8f"
@@ -30,6 +31,7 @@ _METRIC_LABELS = {
 
 def method_comparison(
     table: pd.DataFrame,
+    *,
     metric: str = "auc",
     method_col: str = "method",
     low_col: str | None = None,
@@ -41,11 +43,10 @@ def method_comparison(
     chance: float | None = 0.5,
     order: Sequence[str] | None = None,
     jitter: float = 0.3,
-    ax=None,
+    ax: Axes | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
     title: str | None = None,
-):
+) -> Axes:
     """Plot one privacy metric per unlearning method against the retrain band.
 
     Each row of ``table`` (one method, or one method and seed) is a point with its confidence
@@ -84,15 +85,14 @@ def method_comparison(
     ax
         Matplotlib axes to draw on; a new figure if None.
     show
-        Show the figure (default: only when no ``ax`` was given and not saving).
-    save
-        Path to save the figure to.
+        Show the figure (default: only when no ``ax`` was given).
     title
         Axes title.
 
     Returns
     -------
-    The matplotlib axes. Each row is one error-bar container in ``ax.containers``.
+    The matplotlib axes. Each row is one error-bar container in ``ax.containers``. Save the
+    figure with ``ax.figure.savefig(path)``.
 
     Examples
     --------
@@ -192,20 +192,20 @@ def method_comparison(
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return finish(ax, show=resolve_show(show, owns, save), save=save)
+    return finish(ax, show=resolve_show(show, owns))
 
 
 def utility_comparison(
     table: pd.DataFrame,
+    *,
     metrics: Sequence[str] | None = None,
     relative_to: str | None = None,
     model_col: str | None = None,
     annotate: bool = False,
-    ax=None,
+    ax: Axes | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
     title: str | None = None,
-):
+) -> Axes:
     """Grouped bar chart of utility metrics, one bar per model within each metric.
 
     Parameters
@@ -225,15 +225,14 @@ def utility_comparison(
     ax
         Matplotlib axes to draw on; a new figure if None.
     show
-        Show the figure (default: only when no ``ax`` was given and not saving).
-    save
-        Path to save the figure to.
+        Show the figure (default: only when no ``ax`` was given).
     title
         Axes title.
 
     Returns
     -------
-    The matplotlib axes: one bar container per model, one bar per model and metric.
+    The matplotlib axes: one bar container per model, one bar per model and metric. Save the
+    figure with ``ax.figure.savefig(path)``.
 
     Examples
     --------
@@ -301,7 +300,7 @@ def utility_comparison(
     if title is not None:
         ax.set_title(title)
     ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return finish(ax, show=resolve_show(show, owns, save), save=save)
+    return finish(ax, show=resolve_show(show, owns))
 
 
 # ------------------------------------------------------------------------------- helpers

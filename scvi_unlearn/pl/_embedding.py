@@ -14,14 +14,18 @@ from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.pl._utils import finish, resolve_show
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
 
 _BASES = ("umap", "latent")
 
 
 def latent_embedding(
     models: Mapping[str, object],
-    adata=None,
+    adata: AnnData | None = None,
+    *,
     color: str | None = "cell_type",
     highlight=None,
     basis: str = "umap",
@@ -29,10 +33,9 @@ def latent_embedding(
     seed: int = 0,
     highlight_label: str = "highlighted cells",
     size: float | None = None,
-    axes=None,
+    axes: Sequence[Axes] | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
-):
+) -> list[Axes]:
     """Embed each model's latent space in 2-D, side by side, with some cells highlighted.
 
     For each model, the latent representation (posterior mean) of the cells of ``adata`` is
@@ -67,13 +70,12 @@ def latent_embedding(
     axes
         A sequence of matplotlib axes, one per model; a new figure with one row if None.
     show
-        Show the figure (default: only when no ``axes`` were given and not saving).
-    save
-        Path to save the figure to.
+        Show the figure (default: only when no ``axes`` were given).
 
     Returns
     -------
-    A list of matplotlib axes, one per model, in the order of ``models``.
+    A list of matplotlib axes, one per model, in the order of ``models`` (all of one figure:
+    save it with ``axes[0].figure.savefig(path)``).
 
     Examples
     --------
@@ -155,7 +157,7 @@ def latent_embedding(
         ax.set_xticks([])
         ax.set_yticks([])
     _legend(axes[-1], legend, highlight_idx.size > 0, highlight_label, color)
-    return finish(axes, show=resolve_show(show, owns, save), save=save)
+    return finish(axes, show=resolve_show(show, owns))
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from scvi_unlearn.pl._utils import finish
+from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+
+    from scvi_unlearn.audit import AuditReport
 
 
 def roc_curves(
-    report,
-    attacks: list[str] | None = None,
+    report: AuditReport,
+    *,
+    attacks: Sequence[str] | None = None,
     log_scale: bool = True,
-    ax=None,
+    ax: Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
     title: str | None = None,
-):
+) -> Axes:
     """Plot the ROC curve of each attack in an :class:`~scvi_unlearn.AuditReport`.
 
     Parameters
@@ -32,23 +41,16 @@ def roc_curves(
     ax
         Matplotlib axes to draw on; a new figure if None.
     show
-        Show the figure (default: only when no ``ax`` was given and not saving).
-    save
-        Path to save the figure to.
+        Show the figure (default: only when no ``ax`` was given).
     title
         Axes title; defaults to the report's verdict.
 
     Returns
     -------
-    The matplotlib axes.
+    The matplotlib axes: one line per attack, then the dashed chance diagonal. Save the figure
+    with ``ax.figure.savefig(path)``.
     """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 4.2))
-        owns = True
-    else:
-        owns = False
+    ax, owns = new_axes(ax, figsize=(4.5, 4.2))
     floors = []
     for name, r in report.results.items():
         if attacks is not None and name not in attacks:
@@ -75,4 +77,4 @@ def roc_curves(
     ax.set_ylabel("true-positive rate")
     ax.set_title(title if title is not None else f"Membership audit: {report.verdict}")
     ax.legend(fontsize=7, loc="lower right")
-    return finish(ax, show=show if show is not None else (owns and save is None), save=save)
+    return finish(ax, show=resolve_show(show, owns))
