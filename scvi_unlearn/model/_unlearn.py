@@ -19,6 +19,7 @@ import scvi
 from scvi.train import TrainingPlan
 from scvi.train._trainingplans import _compute_kl_weight
 
+from scvi_unlearn._configurations import check_supported_model
 from scvi_unlearn._model_data import registered_adata, training_positions
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn._utils import package_version, to_jsonable
@@ -152,7 +153,9 @@ def check_unlearnable_data(model) -> None:
 
     A minified AnnData (scvi-tools keeps only latent posterior parameters, its counts are
     gone) and normalised or log-transformed values would let methods run on the wrong numbers.
+    A configuration of :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS` is refused first.
     """
+    check_supported_model(model)
     check_not_minified(model)
     layer = model.adata_manager.registry.get("setup_args", {}).get("layer")
     check_count_data(model.adata, layer)
