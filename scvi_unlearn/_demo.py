@@ -16,6 +16,7 @@ from scvi_unlearn.audit import MembershipInference, overall_result
 from scvi_unlearn.data import membership_split, synthetic_pbmc
 from scvi_unlearn.model import verify_unlearning, write_unlearning_certificate
 from scvi_unlearn.pl._utils import save_figure
+from scvi_unlearn.train import exact_methods
 from scvi_unlearn.utility import utility_metrics
 
 #: Demo sizes. ``quick``: 65 + 65 rare cells to audit, 4 shadows; ``benchmarks/demo_time.py``
@@ -30,7 +31,6 @@ DEMO_SETTINGS = {
 }  # fmt: skip
 RARE_TYPE = "Megakaryocyte"
 #: Methods whose model never saw the forget cells.
-EXACT_METHODS = ("retrain", "retrain_fast")
 #: The rows besides the model before unlearning: the default, the gold standard, and one
 #: approximate method for contrast.
 DEMO_METHODS = ("retrain_fast", "retrain", "fisher")
@@ -160,7 +160,7 @@ def _add_overall(rows: list[dict[str, Any]]) -> None:
         r["overall"] = (
             "(the model before unlearning)"
             if r["model"] == "before unlearning"
-            else overall_result(r["verdict"], loss, exact=r.get("ran") in EXACT_METHODS)
+            else overall_result(r["verdict"], loss, exact=r.get("ran") in exact_methods())
         )
 
 

@@ -26,7 +26,7 @@ from scvi_unlearn.audit import DEFAULT_N_SHADOWS, UNDERPOWERED, MembershipInfere
 from scvi_unlearn.data import parse_forget_spec, read_cell_list, structured_forget_set
 from scvi_unlearn.model import SCVI, train_deletion_ready, verify_unlearning
 from scvi_unlearn.pl._utils import save_figure
-from scvi_unlearn.train import METHODS
+from scvi_unlearn.train import method_names
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Unlearning method (default: on a deletion-ready model drop_donors for whole "
         "withdrawable donors and refit_donors for some of their cells, else retrain_fast; all "
-        "exact and verifiable); drop_donors, refit_donors or one of " + ", ".join(METHODS) + ".",
+        "exact and verifiable); one of " + ", ".join(method_names()) + ".",
     )
     unlearn.add_argument("--nonmembers", help="File of same-population non-member cells.")
     unlearn.add_argument(

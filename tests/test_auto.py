@@ -9,7 +9,7 @@ import pytest
 import scvi
 
 import scvi_unlearn as su
-import scvi_unlearn.train._auto as auto_module
+import scvi_unlearn.model._auto as auto_module
 import scvi_unlearn.train._utility as utility_module
 from scvi_unlearn._verdict import LEAK, NO_EVIDENCE
 
@@ -29,6 +29,12 @@ def case():
         datasplitter_kwargs={"external_indexing": [train, np.zeros(0, int), held]},
     )  # fmt: skip
     return {"model": model, "forget": train[:60], "nonmembers": held}
+
+
+def _fake_gate(monkeypatch, gate):
+    """``method="auto"`` with ``gate`` injected into its search (no private function patched)."""
+    monkeypatch.setattr(auto_module.Auto, "run", lambda self, run: auto_module.GatedSearch(
+        gate=gate).search(run))  # fmt: skip
 
 
 def _gates(*after: str):
@@ -56,7 +62,7 @@ def _run(case, tmp_path, **kwargs):
 def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
     case, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(auto_module, "_gate_audit", _gates(LEAK))
+    _fake_gate(monkeypatch, _gates(LEAK))
     out = _run(case, tmp_path, candidates="ssd,reset_relearn")
     metrics = out.provenance["events"][-1]["metrics"]
     attempts = metrics["attempts"]
@@ -74,7 +80,7 @@ def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
 def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
     case, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
+    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
     out = _run(case, tmp_path, candidates="finetune,ssd", max_utility_loss=1.0)
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["accepted_method"] == "finetune"
@@ -87,7 +93,7 @@ def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
 
 
 def test_auto_rejects_a_method_that_damages_utility(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
+    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
     # trained model, the candidate (+6%), then the fallback's rounds and unlearn()'s own record
     values = itertools.chain([100.0, 106.0], itertools.repeat(101.0))
     monkeypatch.setattr(utility_module, "mean_neg_elbo", lambda *a, **k: next(values))
@@ -149,7 +155,7 @@ def test_auto_rejects_unknown_candidates(case):
 def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(
     case, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(NO_EVIDENCE))
+    _fake_gate(monkeypatch, lambda *a, **k: _FakeGate(NO_EVIDENCE))
     with pytest.warns(UserWarning, match="cannot tell an approximate method that forgot"):
         out = _run(case, tmp_path, candidates="finetune")
     metrics = out.provenance["events"][-1]["metrics"]
@@ -158,7 +164,7 @@ def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(
 
 
 def test_auto_skips_the_candidates_when_its_gate_is_underpowered(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_module, "_gate_audit", lambda *a, **k: _FakeGate(LEAK, 0.8))
+    _fake_gate(monkeypatch, lambda *a, **k: _FakeGate(LEAK, 0.8))
     with pytest.warns(UserWarning, match="could only detect an AUC above 0.80"):
         out = _run(case, tmp_path, candidates="finetune")
     metrics = out.provenance["events"][-1]["metrics"]
@@ -169,7 +175,7 @@ def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(
     case, tmp_path, monkeypatch
 ):
     # before: leak; finetune passes the gate; after 2 relearning epochs: leak again
-    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE, LEAK))
+    _fake_gate(monkeypatch, _gates(NO_EVIDENCE, LEAK))
     out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
     metrics = out.provenance["events"][-1]["metrics"]
     first = metrics["attempts"][0]
@@ -179,7 +185,7 @@ def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(
 
 
 def test_auto_relearning_check_keeps_the_candidates_own_weights(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_module, "_gate_audit", _gates(NO_EVIDENCE))
+    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
     out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["accepted_method"] == "finetune"

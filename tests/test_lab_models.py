@@ -7,7 +7,6 @@ file. Each either works or is refused with a message that names the problem.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import warnings
@@ -20,8 +19,8 @@ import torch
 import scvi_unlearn as su
 from scvi_unlearn import cli
 from scvi_unlearn.audit import _shadows
+from scvi_unlearn.model import _auto as auto_module
 from scvi_unlearn.model._unlearn import final_kl_weight
-from scvi_unlearn.train import _auto as auto_module
 
 EPOCHS = 3
 
@@ -76,7 +75,8 @@ def test_auto_on_a_plain_model_never_crashes_and_says_why_it_retrained(tmp_path,
     def broken_gate(*args, **kwargs):
         raise ValueError("lira_online needs IN and OUT shadow models for every audited cell")
 
-    monkeypatch.setattr(auto_module, "_gate_audit", broken_gate)
+    monkeypatch.setattr(auto_module.Auto, "run", lambda self, run: auto_module.GatedSearch(
+        gate=broken_gate).search(run))  # fmt: skip
     with pytest.warns(UserWarning, match="gate's audit could not run"):
         out = unlearn()
     metrics = out.provenance["events"][-1]["metrics"]
@@ -146,13 +146,13 @@ def test_an_interrupted_inplace_run_restores_the_model(monkeypatch):
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     n_train = len(model.train_indices)
     spec = su.train.METHODS["finetune"]
-    original_run = spec.run
 
-    def interrupted(run):
-        original_run(run)  # the weights have changed by now
-        raise KeyboardInterrupt
+    class Interrupted(type(spec)):
+        def run(self, run):
+            super().run(run)  # the weights have changed by now
+            raise KeyboardInterrupt
 
-    monkeypatch.setitem(su.train.METHODS, "finetune", dataclasses.replace(spec, run=interrupted))
+    monkeypatch.setitem(su.train.METHODS, "finetune", Interrupted())
     with pytest.raises(KeyboardInterrupt):
         model.unlearn([int(model.train_indices[0])], method="finetune", max_epochs=1,
                       inplace=True, accelerator="cpu", enable_progress_bar=False)  # fmt: skip

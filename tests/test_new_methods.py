@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 import scvi_unlearn as su
-import scvi_unlearn.train._methods as methods_module
+import scvi_unlearn.train._fast_retrain as methods_module
 from scvi_unlearn.train._reset import reset_parameters_
 
 

@@ -8,23 +8,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import scvi
 
 from scvi_unlearn._recipe import Recipe
-from scvi_unlearn._utils import package_version
 from scvi_unlearn._validation import IndexLike, as_cell_indices, check_trained
 from scvi_unlearn.model._clone import clone_model
-from scvi_unlearn.model._deletion_ready import (
-    check_donor_request,
-    check_refit_request,
-    drop_donors,
-    is_deletion_ready,
-    partial_donors,
-    refit_donors,
-    whole_donors,
-)
+from scvi_unlearn.model._deletion_ready import is_deletion_ready
+from scvi_unlearn.model._donor_methods import DonorRemoval, default_donor_removal
 from scvi_unlearn.model._unlearn import (
     DAMAGE_LIMIT,
+    UnlearningEvent,
     audit_result,
     cells_fingerprint,
     check_damage,
@@ -33,28 +25,19 @@ from scvi_unlearn.model._unlearn import (
     check_int,
     check_unlearnable_data,
     drop_forgotten_cells,
-    event_record,
     final_kl_weight,
     finish,
-    method_spec,
     positions,
     record,
     reporting_cells,
     resolve_nonmembers,
+    run_event,
     training_cells,
     utility_record,
-    weights_fingerprint,
     without_cell_names,
 )
 from scvi_unlearn.model._verify import exact_record_inputs, reproduce_record
-from scvi_unlearn.train import (
-    HeldOutUtility,
-    UnlearningRun,
-    check_hyperparameters,
-    resolve_epochs,
-    seed_everything,
-)
-from scvi_unlearn.train._common import state_copy
+from scvi_unlearn.train import HeldOutUtility, UnlearningRun, get_method, method_table, state_copy
 
 
 class UnlearningMixin:
@@ -89,22 +72,15 @@ class UnlearningMixin:
             ``None`` (default): on a deletion-ready model (see
             :func:`~scvi_unlearn.model.train_deletion_ready`) whose request holds cells of
             withdrawable donors only, ``"drop_donors"`` for whole donors and
-            ``"refit_donors"`` otherwise; in every other case ``"retrain_fast"``.
-            ``"drop_donors"``: exact and without training; the donors' own covariate columns
-            and all their cells are dropped (deletion-ready models only).
-            ``"refit_donors"``: exact; each donor the request touches is fitted again alone
-            on its remaining cells (one donor's fit each; deletion-ready models only).
-            ``"retrain_fast"``: exact. A fresh model trained on the retained cells
-            only, in rounds of ``budget`` (0.1) of the recipe's epochs until its held-out neg.
-            ELBO is within ``utility_tolerance`` (2%) of the trained model's or the rounds
-            reach ``max_budget`` (0.5); it never costs more than half a full retrain and its
-            record lets :func:`~scvi_unlearn.model.verify_unlearning` re-run it bit for bit.
-            Or another of :data:`scvi_unlearn.train.METHODS` by name: ``"retrain"`` (the full
-            recipe), ``"auto"`` (tries approximate ``candidates``, each gated by an audit on
-            development cells against its own reference pool, with ``retrain_fast`` as the
-            fallback; it trains that pool first, so its first request on a data set costs
-            more than ``retrain_fast``), or an approximate method (see
-            :ref:`methods-unlearning`).
+            ``"refit_donors"`` otherwise; in every other case ``"retrain_fast"``: exact, a fresh
+            model trained on the retained cells only, in rounds of ``budget`` (0.1) of the
+            recipe's epochs until its held-out neg. ELBO is within ``utility_tolerance`` (2%)
+            of the trained model's or the rounds reach ``max_budget`` (0.5); its record lets
+            :func:`~scvi_unlearn.model.verify_unlearning` re-run it bit for bit. Or any
+            registered method by name (:data:`scvi_unlearn.train.METHODS`; their
+            hyper-parameters are on :ref:`the API page <api-methods>`):
+
+            {method_table}
         nonmembers
             Cells of the same population the model never trained on (positions, mask or obs
             names of ``self.adata``), for the adversarial methods and ``audit=True``. If
@@ -185,6 +161,7 @@ class UnlearningMixin:
         >>> len(model.train_indices)  # the original is untouched
         100
         """
+        # validate
         check_trained(self)
         if self.adata is None:
             raise ValueError(
@@ -193,64 +170,40 @@ class UnlearningMixin:
             )
         check_unlearnable_data(self)
         damage_limit = check_damage_limit(damage_limit)
-        if method in _DONOR_METHODS and (method_kwargs or max_epochs is not None):
-            raise ValueError(
-                f"method={method!r} follows the deletion-ready design's own settings, so it "
-                "takes no hyper-parameters or `max_epochs` (got "
-                f"{sorted(method_kwargs) or ['max_epochs']})."
-            )
-        settings_given = bool(method_kwargs) or max_epochs is not None
-        if method in _DONOR_METHODS or (
-            method is None and is_deletion_ready(self) and not settings_given
-        ):
-            train = training_cells(self)
-            forget = check_forget(self, forget_idx, train)
-            if method == "drop_donors":
-                how = "drop_donors", check_donor_request(self, forget, train)
-            elif method == "refit_donors":
-                how = "refit_donors", check_refit_request(self, forget)
-            elif (donors := whole_donors(self, forget, train)) is not None:
-                how = "drop_donors", donors
-            elif (touched := partial_donors(self, forget)) is not None:
-                how = "refit_donors", touched
-            else:
-                how = None
-            if how is not None:
-                if audit:
-                    raise ValueError(_NO_DONOR_AUDIT)
-                return self._remove_from_donors(
-                    forget, train, how, inplace, record_names, accelerator, devices,
-                    enable_progress_bar,
-                )  # fmt: skip
-        method = method or "retrain_fast"
-        spec = method_spec(method)
-        hyperparameters = check_hyperparameters(method, spec.params, method_kwargs)
         seed = check_int("seed", seed, low=0)
         max_epochs = None if max_epochs is None else check_int("max_epochs", max_epochs, low=0)
         for name, flag in (("inplace", inplace), ("audit", audit), ("record_names", record_names)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
-
-        if method == "auto" and max_epochs is not None:
+        train = training_cells(self)
+        forget = check_forget(self, forget_idx, train)
+        settings_given = bool(method_kwargs) or max_epochs is not None
+        if method is None and not settings_given:
+            method = default_donor_removal(self, forget, train)
+        spec = get_method(method or "retrain_fast")
+        if isinstance(spec, DonorRemoval):
+            if settings_given:
+                raise ValueError(
+                    f"method={spec.name!r} follows the deletion-ready design's own settings, so "
+                    "it takes no hyper-parameters or `max_epochs` (got "
+                    f"{sorted(method_kwargs) or ['max_epochs']})."
+                )
+            donors = spec.donors(self, forget, train)
+            if audit:
+                raise ValueError(_NO_DONOR_AUDIT)
+            return self._remove_from_donors(
+                spec, forget, train, donors, inplace, record_names, accelerator, devices,
+                enable_progress_bar,
+            )  # fmt: skip
+        hyperparameters = spec.configure(method_kwargs)
+        if spec.name == "auto" and max_epochs is not None:
             raise ValueError(
                 "`max_epochs` does not apply to method='auto': each attempt runs its method's "
                 "own budget and the exact fallback `budget` (a share of the recipe's epochs)."
             )
-        train = training_cells(self)
-        forget = check_forget(self, forget_idx, train)
-        nonmember_idx, nonmember_info = None, {"source": None}
-        if spec.needs_nonmembers or audit or nonmembers is not None:
-            try:
-                nonmember_idx, nonmember_info = resolve_nonmembers(
-                    self, nonmembers, forget, train, population_key, method
-                )
-            except ValueError as err:
-                if method != "auto" or nonmembers is not None or audit:
-                    raise
-                # auto without non-members cannot audit an approximate method: it says so
-                # (a warning from the run) and retrains exactly.
-                nonmember_idx = np.zeros(0, np.int64)
-                nonmember_info = {"source": None, "missing": str(err)}
+        nonmember_idx, nonmember_info = self._nonmembers(
+            spec, nonmembers, forget, train, population_key, audit
+        )
 
         source, recipe = self.adata, Recipe.from_model(self)  # the audit needs both later
         forgotten_names = source.obs_names[forget].tolist()
@@ -259,6 +212,7 @@ class UnlearningMixin:
         target = self if inplace else clone_model(self)
         saved = _Snapshot(target) if inplace else None
         try:
+            # build the run
             run = UnlearningRun(
                 model=target,
                 forget=forget,
@@ -267,122 +221,118 @@ class UnlearningMixin:
                 validation=positions(self.validation_indices),
                 hyperparameters=hyperparameters,
                 seed=seed,
-                max_epochs=resolve_epochs(self, spec, method, max_epochs, hyperparameters),
+                max_epochs=spec.resolve_epochs(self, max_epochs, hyperparameters),
                 accelerator=accelerator,
                 devices=devices,
                 enable_progress_bar=enable_progress_bar,
                 kl_weight=final_kl_weight(self),
-                method=method,
+                method=spec.name,
             )
-            weights_before = weights_fingerprint(target.module)
             check_start = time.perf_counter()
             # Measured on the trained weights, before the method.
             run.held_out = HeldOutUtility(run)
             check_seconds = time.perf_counter() - check_start  # a check, not the method's time
-            seed_everything(seed)
-            metrics = spec.run(run)
-            if not spec.exact and weights_fingerprint(target.module) == weights_before:
-                # A record saying "removed" over unchanged weights is the worst possible outcome.
-                if inplace:
-                    raise RuntimeError(
-                        f"Method '{method}' left the weights exactly as they were: nothing was "
-                        "unlearned and no record was written. Check its hyper-parameters (e.g. "
-                        "alpha=0 with no fine-tune epochs) or use method='retrain'."
-                    )
-                raise RuntimeError(
-                    f"Method '{method}' returned the original weights: nothing was unlearned, so "
-                    "no unlearned model is returned. Check its hyper-parameters (e.g. alpha=0 "
-                    "with no fine-tune epochs) or use method='retrain'."
-                )
+            # run the method
+            result = spec(run)
             wall_time = time.perf_counter() - start - check_seconds
+            # record
             finish(target, run, self)
-            event = event_record(
-                run, method, train, nonmember_info, started_at, wall_time, metrics
-            )
+            event = run_event(run, train, nonmember_info, started_at, wall_time, result.metrics)
             # An exact result is the model without those cells, whatever its utility; only
             # an approximate method can have destroyed what it was given.
-            produced_by = metrics.get("accepted_method", method) if metrics else method
-            exact = method_spec(produced_by).exact
-            event["utility"] = utility_record(method, run.held_out, target.module, exact)
-            if not exact:
-                check_damage(method, event["utility"], damage_limit)
+            event.utility = utility_record(spec.name, run.held_out, target.module, result.exact)
+            if not result.exact:
+                check_damage(spec.name, event.utility, damage_limit)
             drop_forgotten_cells(target, source, forget)
             if is_deletion_ready(target):
                 # The method retrained or changed shared weights: no donor is isolated now.
                 target.deletion_ready_ = None
-                event["deletion_ready"] = "lost: this method changed the shared weights"
-            if exact:
+                event.deletion_ready = "lost: this method changed the shared weights"
+            if result.exact:
                 name, hp, epochs, rounds = exact_record_inputs(
-                    self, metrics, method, run.hyperparameters, run.max_epochs
+                    self, result.metrics, spec.name, run.hyperparameters, run.max_epochs
                 )
-                event["reproduce"] = reproduce_record(
+                event.reproduce = reproduce_record(
                     target, name, hp, epochs, seed=seed, rounds=rounds, accelerator=accelerator
                 )
+            names = forgotten_names if record_names else None
             forgotten_set = set(forgotten_names)
             if not record_names:
-                event = without_cell_names(event, forgotten_set)
-            record(target, self, event, forgotten_names if record_names else None)
+                event.metrics = without_cell_names(event.metrics, forgotten_set)
+            record(target, self, event, names)
+            # optional audit: after the record, so the audit knows which members were
+            # forgotten on purpose; the record is then written again with it.
             if audit:
-                # After record(), so the audit knows which members were forgotten on purpose.
                 summary = self._audit_unlearned(
-                    target, recipe, source, forget, nonmember_idx, metrics, seed, accelerator,
+                    target, recipe, source, forget, nonmember_idx, result, seed, accelerator,
                     devices, enable_progress_bar, audit_kwargs,
                 )  # fmt: skip
-                if not record_names:
-                    summary = without_cell_names(summary, forgotten_set)
-                target.unlearning_provenance_["events"][-1]["audit"] = summary
+                event.audit = (
+                    summary if record_names else without_cell_names(summary, forgotten_set)
+                )
+                record(target, self, event, names)
         except BaseException:
             if saved is not None:  # an error or an interruption: the model as it was
                 saved.restore()
             raise
         return target
 
-    def _remove_from_donors(self, forget, train, how, inplace: bool, record_names: bool,
+    def _nonmembers(self, spec, nonmembers, forget, train, population_key, audit):
+        """The run's non-members and where they came from (``None`` if it needs none)."""
+        if not (spec.needs_nonmembers or audit or nonmembers is not None):
+            return None, {"source": None}
+        try:
+            return resolve_nonmembers(self, nonmembers, forget, train, population_key, spec.name)
+        except ValueError as err:
+            if spec.name != "auto" or nonmembers is not None or audit:
+                raise
+            # auto without non-members cannot audit an approximate method: it says so
+            # (a warning from the run) and retrains exactly.
+            return np.zeros(0, np.int64), {"source": None, "missing": str(err)}
+
+    def _remove_from_donors(self, spec, forget, train, donors, inplace: bool, record_names: bool,
                             accelerator, devices, progress_bar):  # fmt: skip
         """``drop_donors`` / ``refit_donors``: a deletion-ready model without those cells."""
-        method, donors = how
         started_at = datetime.now(UTC).isoformat()
         start = time.perf_counter()
-        if method == "drop_donors":
-            target, refit, dropped = drop_donors(self, donors), [], list(donors)
-        else:
-            target, refit, dropped = refit_donors(self, forget, accelerator, devices, progress_bar)
+        target, refit, dropped = spec.remove(
+            self, forget, donors, accelerator, devices, progress_bar
+        )
         wall_time = time.perf_counter() - start
         forgotten_names = self.adata.obs_names[forget].tolist()
         design = target.deletion_ready_
-        event = {
-            "method": method,
-            "hyperparameters": {"donors": cells_fingerprint(donors)},
-            "seed": design["seed"],
-            "max_epochs": design["query_epochs"] if refit else 0,
-            "forgotten": cells_fingerprint(forgotten_names),
-            "n_forgotten": int(forget.size),
-            "n_donors_removed": len(dropped),
-            "n_donors_refitted": len(refit),
-            "n_cells_dropped": int(self.adata.n_obs - target.adata.n_obs),
-            "n_train_before": int(train.size),
-            "n_train_after": len(target.train_indices),
-            "nonmembers": {"source": None, "n": 0},
-            "started_at": started_at,
-            "wall_time_s": wall_time,
-            "scvi_unlearn_version": package_version(),
-            "scvi_tools_version": scvi.__version__,
-            "metrics": {
+        hyperparameters = {"donors": cells_fingerprint(donors)}
+        if record_names:
+            hyperparameters["donor_names"] = list(donors)
+        event = UnlearningEvent(
+            method=spec.name,
+            hyperparameters=hyperparameters,
+            seed=design["seed"],
+            max_epochs=design["query_epochs"] if refit else 0,
+            forgotten=cells_fingerprint(forgotten_names),
+            n_forgotten=int(forget.size),
+            donors={
+                "n_donors_removed": len(dropped),
+                "n_donors_refitted": len(refit),
+                "n_cells_dropped": int(self.adata.n_obs - target.adata.n_obs),
+            },
+            n_train_before=int(train.size),
+            n_train_after=len(target.train_indices),
+            nonmembers={"source": None, "n": 0},
+            started_at=started_at,
+            wall_time_s=wall_time,
+            metrics={
                 "exact": "by construction: the donors' cells reached only their own columns"
                 + ("; the touched donors were fitted again without the cells" if refit else ""),
                 "remaining_withdrawable": len(design["withdrawable"]),
                 "preparation_seconds": design["preparation_seconds"],
             },
-            "utility": {
-                "note": "every other donor's cells keep the model's own outputs (unchanged)"
-            },
-        }
-        event["reproduce"] = reproduce_record(
-            target, method, _design_inputs(design), design["query_epochs"],
+            utility={"note": "every other donor's cells keep the model's own outputs (unchanged)"},
+        )
+        event.reproduce = reproduce_record(
+            target, spec.name, _design_inputs(design), design["query_epochs"],
             seed=design["seed"], rounds=None, accelerator="cpu",
         )  # fmt: skip
-        if record_names:
-            event["hyperparameters"]["donor_names"] = list(donors)
         record(target, self, event, forgotten_names if record_names else None)
         if inplace:
             self.__dict__.clear()
@@ -392,7 +342,7 @@ class UnlearningMixin:
 
     @staticmethod
     def _audit_unlearned(
-        target, recipe, source, forget, nonmember_idx, metrics, seed, accelerator, devices,
+        target, recipe, source, forget, nonmember_idx, result, seed, accelerator, devices,
         progress_bar, audit_kwargs,
     ) -> dict[str, Any]:  # fmt: skip
         """``unlearn(audit=True)``'s audit, on the cells the method did not select on."""
@@ -402,7 +352,7 @@ class UnlearningMixin:
         audit_nonmembers = audit_kwargs.pop("nonmembers", None)
         if audit_nonmembers is not None:
             audit_nonmembers = as_cell_indices(source, audit_nonmembers, "audit nonmembers")
-        audit_forget, default_nonmembers = reporting_cells(source, forget, nonmember_idx, metrics)
+        audit_forget, default_nonmembers = reporting_cells(forget, nonmember_idx, result)
         return audit_result(
             target, recipe, source, audit_forget,
             default_nonmembers if audit_nonmembers is None else audit_nonmembers,
@@ -410,7 +360,6 @@ class UnlearningMixin:
         )  # fmt: skip
 
 
-_DONOR_METHODS = ("drop_donors", "refit_donors")
 _NO_DONOR_AUDIT = (
     "audit=True does not apply to a removal by 'drop_donors' / 'refit_donors': a removed donor "
     "has no covariate column left to score its cells with, and the removal is exact by "
@@ -444,3 +393,11 @@ class _Snapshot:
 
 #: Attributes a run changes in place (the rest it only replaces, which the shallow copy undoes).
 _MUTABLE = ("history_", "unlearning_provenance_", "train_kwargs_")
+
+
+def document_methods() -> None:
+    """Put the registry's method list into ``unlearn``'s docstring (once every method is in)."""
+    doc = UnlearningMixin.unlearn.__doc__ or ""
+    if "{method_table}" in doc:
+        table = method_table(style="rst", indent=" " * 12).lstrip()
+        UnlearningMixin.unlearn.__doc__ = doc.replace("{method_table}", table)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from scvi_unlearn._compat import register_manager
 from scvi_unlearn._executor import get_default_executor
-from scvi_unlearn.model._clone import register_manager
+from scvi_unlearn.model._donor_methods import DonorRemoval
+from scvi_unlearn.train import exact_methods, get_method
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -14,7 +16,10 @@ if TYPE_CHECKING:
     from scvi_unlearn._executor import Executor
     from scvi_unlearn.model._scvi import SCVI
 
-EXACT_METHODS = ("retrain", "retrain_fast")
+
+def retraining_methods() -> tuple[str, ...]:
+    """The registered exact methods that train from scratch (a band's models differ by seed)."""
+    return tuple(n for n in exact_methods() if not isinstance(get_method(n), DonorRemoval))
 
 
 def retrain_models(
@@ -55,8 +60,11 @@ def retrain_models(
     -------
     The retrained models, in the order of ``seeds``.
     """
-    if method not in EXACT_METHODS:
-        raise ValueError(f"A retrain band needs an exact method {EXACT_METHODS}, got {method!r}.")
+    if method not in retraining_methods():
+        raise ValueError(
+            f"A retrain band needs an exact retraining method {retraining_methods()}, "
+            f"got {method!r}."
+        )
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"Seeds repeat ({seeds}): the same seed gives the same model.")

@@ -12,13 +12,14 @@ import inspect
 import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scvi
 from scvi.train import TrainingPlan
-from scvi.train._trainingplans import _compute_kl_weight
 
+from scvi_unlearn._compat import compute_kl_weight
 from scvi_unlearn._configurations import check_supported_model
 from scvi_unlearn._model_data import registered_adata, training_positions
 from scvi_unlearn._recipe import Recipe
@@ -30,37 +31,73 @@ from scvi_unlearn._validation import (
     check_not_minified,
 )
 from scvi_unlearn.audit import MembershipInference
-from scvi_unlearn.train import METHODS, HeldOutUtility, MethodSpec, UnlearningRun
 
 if TYPE_CHECKING:
-    import torch
+    from scvi_unlearn.train import HeldOutUtility, MethodResult, UnlearningRun
 
 #: Arguments of ``MembershipInference.audit`` (the rest of ``audit_kwargs`` go to its constructor).
 _AUDIT_CALL_KEYS = ("reference_models", "n_bootstrap")
 
 
-def event_record(
-    run: UnlearningRun, method, train, nonmember_info, started_at, wall_time, metrics
-) -> dict[str, Any]:
-    """The provenance record of one unlearning run (forgotten cells by count and fingerprint)."""
+@dataclass
+class UnlearningEvent:
+    """The provenance record of one unlearning run (forgotten cells by count and fingerprint).
+
+    :meth:`to_dict` gives the JSON-able record saved with the model; optional parts left
+    ``None`` are not written.
+    """
+
+    method: str
+    hyperparameters: dict[str, Any]
+    seed: int
+    max_epochs: int
+    forgotten: dict[str, Any]
+    n_forgotten: int
+    n_train_before: int
+    n_train_after: int
+    nonmembers: dict[str, Any]
+    started_at: str
+    wall_time_s: float
+    metrics: dict[str, Any]
+    scvi_unlearn_version: str = field(default_factory=package_version)
+    scvi_tools_version: str = field(default_factory=lambda: scvi.__version__)
+    utility: dict[str, Any] | None = None
+    donors: dict[str, int] | None = None
+    deletion_ready: str | None = None
+    reproduce: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as saved (``donors`` counts inlined; ``None`` parts left out)."""
+        record = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "donors":
+                record.update(value or {})
+            elif value is not None or item.default is not None:
+                record[item.name] = value
+        return record
+
+
+def run_event(run: UnlearningRun, train, nonmember_info, started_at, wall_time,
+              metrics) -> UnlearningEvent:  # fmt: skip
+    """The event of a method's run on ``run`` (before its utility and reproduce records)."""
     forgotten = run.model.adata.obs_names[run.forget]
     nonmembers = run.nonmembers
-    return {
-        "method": method,
-        "hyperparameters": run.hyperparameters,
-        "seed": run.seed,
-        "max_epochs": run.max_epochs,
-        "forgotten": cells_fingerprint(forgotten),
-        "n_forgotten": int(run.forget.size),
-        "n_train_before": int(train.size),
-        "n_train_after": int(run.retain.size),
-        "nonmembers": {**nonmember_info, "n": 0 if nonmembers is None else int(nonmembers.size)},
-        "started_at": started_at,
-        "wall_time_s": wall_time,
-        "scvi_unlearn_version": package_version(),
-        "scvi_tools_version": scvi.__version__,
-        "metrics": metrics,
-    }
+    return UnlearningEvent(
+        method=run.method,
+        hyperparameters=run.hyperparameters,
+        seed=run.seed,
+        max_epochs=run.max_epochs,
+        forgotten=cells_fingerprint(forgotten),
+        n_forgotten=int(run.forget.size),
+        n_train_before=int(train.size),
+        n_train_after=int(run.retain.size),
+        nonmembers={**nonmember_info, "n": 0 if nonmembers is None else int(nonmembers.size)},
+        started_at=started_at,
+        wall_time_s=wall_time,
+        metrics=metrics,
+    )
 
 
 def cells_fingerprint(names) -> dict[str, Any]:
@@ -115,23 +152,6 @@ def drop_forgotten_cells(model, source, forget: np.ndarray) -> None:
 
 
 # -- checks ------------------------------------------------------------------------------------
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (bitwise: any change shows)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def method_spec(method: Any) -> MethodSpec:
-    """The registry entry of ``method``, or a clear error listing the valid names."""
-    if not isinstance(method, str) or method not in METHODS:
-        valid = ", ".join(f"'{m}'" for m in METHODS)
-        raise ValueError(f"Unknown unlearning method {method!r}; choose one of {valid}.")
-    return METHODS[method]
-
-
 def check_int(name: str, value: Any, low: int) -> int:
     """``value`` as an ``int`` >= ``low``, or a clear error (booleans are not integers)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -265,7 +285,7 @@ def kl_weight_at(plan_kwargs: dict | None, epoch: int, step: int) -> float:
         name: (plan_kwargs or {}).get(name, defaults[name].default)
         for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight")
     }
-    return float(_compute_kl_weight(epoch, step, **plan))
+    return float(compute_kl_weight(epoch, step, **plan))
 
 
 # -- utility -----------------------------------------------------------------------------------
@@ -361,7 +381,7 @@ def finish(target, run: UnlearningRun, original) -> None:
     target.module.eval()
 
 
-def record(target, original, event: dict[str, Any], names: list[str] | None = None) -> None:
+def record(target, original, event: UnlearningEvent, names: list[str] | None = None) -> None:
     """Append ``event`` to the provenance the original carried (chained runs accumulate).
 
     ``names``: the forgotten cells' names, kept only when the user asked (``record_names``);
@@ -369,7 +389,8 @@ def record(target, original, event: dict[str, Any], names: list[str] | None = No
     """
     previous = copy.deepcopy(getattr(original, "unlearning_provenance_", None) or {})
     events = list(previous.get("events", []))
-    events.append(to_jsonable(event))
+    event = to_jsonable(event.to_dict())
+    events.append(event)
     provenance = {
         "events": events,
         "n_forgotten": int(previous.get("n_forgotten", 0)) + int(event["n_forgotten"]),
@@ -382,19 +403,16 @@ def record(target, original, event: dict[str, Any], names: list[str] | None = No
     target.unlearning_provenance_ = provenance
 
 
-def reporting_cells(adata, forget, nonmembers, metrics: dict) -> tuple[np.ndarray, np.ndarray]:
+def reporting_cells(forget, nonmembers, result: MethodResult) -> tuple[np.ndarray, np.ndarray]:
     """The forget cells and non-members the method did not select on (the audit's cells).
 
     Methods that judge their own result on development cells (``auto``, the adversarial
-    methods) record them as ``forget_val_names`` / ``nonmember_val_names``; the audit of
+    methods) return them in their :class:`~scvi_unlearn.train.MethodResult`; the audit of
     ``unlearn(audit=True)`` leaves them out, so its verdict is not the selection rule's own.
     """
-    names = adata.obs_names
-    forget_dev = set(metrics.get("forget_val_names") or [])
-    nonmember_dev = set(metrics.get("nonmember_val_names") or [])
-    forget = forget[~names[forget].isin(forget_dev)]
+    forget = np.setdiff1d(forget, result.selection_forget)
     if nonmembers is not None:
-        nonmembers = nonmembers[~names[nonmembers].isin(nonmember_dev)]
+        nonmembers = np.setdiff1d(nonmembers, result.selection_nonmembers)
     return forget, nonmembers
 
 

@@ -22,8 +22,9 @@ from scvi_unlearn._recipe import resolve_model_class
 from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.model._clone import clone_model
 from scvi_unlearn.model._deletion_ready import rebuild_without
-from scvi_unlearn.model._unlearn import cells_fingerprint, positions, weights_fingerprint
-from scvi_unlearn.train import METHODS, UnlearningRun, resolve_epochs, seed_everything
+from scvi_unlearn.model._donor_methods import DonorRemoval
+from scvi_unlearn.model._unlearn import cells_fingerprint, positions
+from scvi_unlearn.train import UnlearningRun, get_method, weights_fingerprint
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -276,7 +277,7 @@ def verify_unlearning(model, adata: AnnData | None = None, forgotten=None,
 
 def _rerun(model, record, train, validation, accelerator: str) -> bool:
     """Run the recorded exact method on ``model``'s data; whether the weights' hash matches."""
-    if record["method"] in ("drop_donors", "refit_donors"):
+    if isinstance(get_method(record["method"]), DonorRemoval):
         # A donor removal is the deletion-ready design trained without those donors.
         rebuilt = rebuild_without(model, accelerator=accelerator)
         return weights_fingerprint(rebuilt.module) == record["weights_sha256"]
@@ -295,8 +296,7 @@ def _rerun(model, record, train, validation, accelerator: str) -> bool:
         method=record["method"],
         replay_rounds=record.get("rounds"),
     )
-    seed_everything(run.seed)
-    METHODS[record["method"]].run(run)
+    get_method(record["method"])(run)
     return weights_fingerprint(model.module) == record["weights_sha256"]
 
 
@@ -309,7 +309,7 @@ def exact_record_inputs(original, metrics: dict, method: str, hyperparameters: d
     if method == "auto":
         attempt = metrics["attempts"][-1]
         method, hyperparameters = attempt["method"], attempt["hyperparameters"]
-        max_epochs = resolve_epochs(original, METHODS[method], method, None, hyperparameters)
+        max_epochs = get_method(method).resolve_epochs(original, None, hyperparameters)
         metrics = attempt.get("metrics") or {}
     rounds = len(metrics["rounds"]) if "rounds" in metrics else None
     return method, hyperparameters, int(max_epochs), rounds

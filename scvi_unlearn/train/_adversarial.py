@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from scvi_unlearn.audit import auc_from_scores
@@ -36,6 +37,7 @@ from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
     eval_mode,
+    gather_tensors,
     iter_chunks,
     loss_auc,
     n_cells,
@@ -47,6 +49,21 @@ from scvi_unlearn.train._critics import (
     indistinguishability_loss,
     js_divergence_estimate,
 )
+from scvi_unlearn.train._epochs import MIN_SELECTION_CELLS, FixedEpochs
+from scvi_unlearn.train._method import (
+    RETAIN_FRACTION_PARAMS,
+    TRAINING_PARAMS,
+    MethodResult,
+    UnlearningMethod,
+    UnlearningRun,
+    register_method,
+    retain_validation,
+    split_validation,
+    warn_underpowered,
+    with_history,
+)
+from scvi_unlearn.train._params import Param
+from scvi_unlearn.train._references import REFERENCE_PARAMS, out_calibration, run_reference_pool
 from scvi_unlearn.train._selection import BestStateSelector
 
 if TYPE_CHECKING:
@@ -468,3 +485,144 @@ class FrozenCriticPlan(_AdversarialUnlearningPlan):
         losses = self.game_losses(forget, nonmember)
         self.log_game(losses, retain.loss)
         return retain.loss + self.lambda_ * losses["privacy"]
+
+
+# -- the methods -------------------------------------------------------------------------------
+_SELECTION_PARAMS = {
+    "val_fraction": Param(0.3, "float", low=0, high=1, low_open=True, high_open=True),
+    "retain_val_fraction": Param(0.1, "float", low=0, high=1, high_open=True),
+    "target_auc": Param(kind="float", low=0, high=1),
+    "max_utility_loss": Param(kind="float", low=0),
+    "patience": Param(kind="int", low=1, allow_none=True),
+}
+_GAME_PARAMS = {
+    "lambda_": Param(kind="float", low=0, doc="weight of the privacy term"),
+    "n_critics": Param(kind="int", low=1),
+    "critic_hidden": Param(kind="int", low=1),
+    "critic_pretrain_steps": Param(kind="int", low=0),
+    "critic_pretrain_lr": Param(kind="float", low=0, low_open=True),
+    "adv_batch_size": Param(kind="int", low=1),
+}
+_ADVERSARIAL_PARAMS = {
+    **TRAINING_PARAMS,
+    **_SELECTION_PARAMS,
+    **_GAME_PARAMS,
+    **RETAIN_FRACTION_PARAMS,
+}
+
+
+class AdversarialMethod(UnlearningMethod):
+    """The VAE trained against critics that tell forget cells from non-members.
+
+    Every forget cell takes part in the game (all must be forgotten); a share of the forget
+    cells and of the non-members (``val_fraction``) is held back to select the epoch, and the
+    non-members used for that are never shown to the critics.
+    """
+
+    needs_nonmembers = True
+    epochs = FixedEpochs(20)
+    calibrated: bool = False
+
+    def run(self, run: UnlearningRun) -> MethodResult:
+        """Play the game on the retained cells; keep the selected state."""
+        hp = run.hyperparameters
+        f_fit, f_val = split_validation(run.forget, hp["val_fraction"], run.seed, "forget cells")
+        n_fit, n_val = split_validation(
+            run.nonmembers, hp["val_fraction"], run.seed, "non-members"
+        )
+        r_train, r_val = retain_validation(run, hp["retain_val_fraction"])
+        underpowered = warn_underpowered(run, f_val.size, n_val.size)
+        # Selection uses (f_val, n_val), so the cells to report on, (f_fit, n_fit), play no
+        # part in choosing the epoch.
+        sets = {
+            "forget": run.forget,
+            "nonmember": n_fit,
+            "forget_val": f_val,
+            "nonmember_val": n_val,
+        }
+        tensors = {name: gather_tensors(run.model, cells) for name, cells in sets.items()}
+        calibration = _calibrate(run, sets, tensors) if self.calibrated else {}
+        plan = self.plan(
+            run.model.module,
+            tensors["forget"],
+            tensors["nonmember"],
+            forget_val_tensors=tensors["forget_val"],
+            nonmember_val_tensors=tensors["nonmember_val"],
+            calibration_std=calibration.get("std"),
+            select_state=not underpowered,
+            **self.plan_arguments(run),
+        )
+        runner = run.fit(plan, r_train, r_val)
+        summary = plan.selector.summary()
+        names = run.model.adata.obs_names
+        summary.update(
+            selection_underpowered=bool(underpowered),
+            min_selection_cells=MIN_SELECTION_CELLS,
+            n_forget_fit=int(f_fit.size),
+            n_forget_val=int(f_val.size),
+            n_nonmember_fit=int(n_fit.size),
+            n_nonmember_val=int(n_val.size),
+            n_retain_val=int(r_val.size),
+            forget_val_names=names[f_val].tolist(),
+            nonmember_val_names=names[n_val].tolist(),
+        )
+        summary.update({k: v for k, v in calibration.items() if k != "std"})
+        return MethodResult(
+            metrics=with_history(summary, runner),
+            produced_by=self.name,
+            exact=False,
+            selection_forget=np.asarray(f_val, np.int64),
+            selection_nonmembers=np.asarray(n_val, np.int64),
+        )
+
+
+def _calibrate(run: UnlearningRun, sets: dict, tensors: dict) -> dict[str, Any]:
+    """Add each cell's OUT-reference mean features to its tensors; return the pooled SD.
+
+    The reference pool is the method's own (:func:`method_reference_pool`), never the audit's
+    shadows.
+    """
+    pool, record = run_reference_pool(run)
+    everything = np.concatenate(list(sets.values())).astype(np.int64)
+    _, std = out_calibration(pool, everything)
+    for name, cells in sets.items():
+        mean, _ = out_calibration(pool, np.asarray(cells, dtype=np.int64))
+        tensors[name][CALIBRATION_KEY] = torch.as_tensor(mean, dtype=torch.float32)
+    return {"std": torch.as_tensor(std, dtype=torch.float32), **record}
+
+
+_CRITIC_LR = {"critic_lr": Param(kind="float", low=0, low_open=True, allow_none=True)}
+
+
+@register_method
+class Extragradient(AdversarialMethod):
+    """Extragradient co-training of the VAE and forget-vs-non-member critics."""
+
+    name = "extragradient"
+    description = "extragradient co-training against forget-vs-non-member critics"
+    plan = ExtraGradientUnlearningPlan
+    params = {**_ADVERSARIAL_PARAMS, **_CRITIC_LR}
+
+
+@register_method
+class ExtragradientCalibrated(AdversarialMethod):
+    """Extragradient against critics that see each cell calibrated by its OUT references."""
+
+    name = "extragradient_calibrated"
+    description = (
+        "extragradient against critics that see each cell calibrated by its own "
+        "OUT reference models (the LiRA statistic)"
+    )
+    plan = ExtraGradientUnlearningPlan
+    params = {**_ADVERSARIAL_PARAMS, **_CRITIC_LR, **REFERENCE_PARAMS}
+    calibrated = True
+
+
+@register_method
+class FrozenCritic(AdversarialMethod):
+    """The VAE trained to fool pre-trained, frozen critics (a failing baseline)."""
+
+    name = "frozen_critic"
+    description = "VAE trained to fool pre-trained, frozen critics (failing baseline)"
+    plan = FrozenCriticPlan
+    params = dict(_ADVERSARIAL_PARAMS)

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from torch.distributions import kl_divergence
 
-from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode, iter_chunks
+from scvi_unlearn._compat import inference_inputs
+from scvi_unlearn.train._common import (
+    Tensors,
+    UnlearningTrainingPlan,
+    eval_mode,
+    gather_tensors,
+    iter_chunks,
+)
+from scvi_unlearn.train._epochs import FixedEpochs
+from scvi_unlearn.train._method import TRAINING_PARAMS, PlanMethod, UnlearningRun, register_method
+from scvi_unlearn.train._params import Param
 
 
 class RetainFinetunePlan(UnlearningTrainingPlan):
@@ -110,12 +120,10 @@ class SCRUBPlan(UnlearningTrainingPlan):
     def _divergence(self, tensors: Tensors, student_qz=None) -> torch.Tensor:
         """Mean over cells of ``KL(q_teacher || q_student)``."""
         with torch.no_grad(), eval_mode(self.teacher):
-            qz_t = self.teacher.inference(**self.teacher._get_inference_input(tensors))["qz"]
+            qz_t = self.teacher.inference(**inference_inputs(self.teacher, tensors))["qz"]
         if student_qz is None:
             with eval_mode(self.module):
-                student_qz = self.module.inference(**self.module._get_inference_input(tensors))[
-                    "qz"
-                ]
+                student_qz = self.module.inference(**inference_inputs(self.module, tensors))["qz"]
         return kl_divergence(qz_t, student_qz).sum(-1).mean()
 
     def _max_pass(self, optimizer) -> None:
@@ -141,3 +149,55 @@ class SCRUBPlan(UnlearningTrainingPlan):
         self.log("train_loss", retain.loss.detach(), prog_bar=True)
         self.log("retain_divergence", divergence.detach())
         return loss.detach()
+
+
+# -- the methods -------------------------------------------------------------------------------
+@register_method
+class Finetune(PlanMethod):
+    """Fine-tune on the retained cells only."""
+
+    name = "finetune"
+    description = "retain-only fine-tune"
+    plan = RetainFinetunePlan
+    params = dict(TRAINING_PARAMS)
+    epochs = FixedEpochs(20)
+
+
+@register_method
+class GradientAscent(PlanMethod):
+    """Gradient ascent on the forget cells' loss, then fine-tuning on the retained cells."""
+
+    name = "gradient_ascent"
+    description = "gradient ascent on the forget cells, then retain fine-tune"
+    plan = GradientAscentPlan
+    params = {
+        **TRAINING_PARAMS,
+        "ascent_steps": Param(kind="int", low=0),
+        "ascent_batch_size": Param(kind="int", low=1),
+    }
+    epochs = FixedEpochs(20)
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """The forget cells' tensors."""
+        return {"forget_tensors": gather_tensors(run.model, run.forget)}
+
+
+@register_method
+class Scrub(PlanMethod):
+    """SCRUB: a student that moves away from the teacher on forget cells, towards it elsewhere."""
+
+    name = "scrub"
+    description = "SCRUB teacher-student (Kurmanji et al. 2023)"
+    plan = SCRUBPlan
+    params = {
+        **TRAINING_PARAMS,
+        "n_max_epochs": Param(kind="int", low=0),
+        "alpha": Param(kind="float", low=0),
+        "gamma": Param(kind="float", low=0),
+        "forget_batch_size": Param(kind="int", low=1),
+    }
+    epochs = FixedEpochs(20)
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """The forget cells' tensors."""
+        return {"forget_tensors": gather_tensors(run.model, run.forget)}

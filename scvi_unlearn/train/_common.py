@@ -11,6 +11,7 @@ when the fit starts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch
 from scvi import settings
 from scvi.dataloaders import DataSplitter
 from scvi.train import TrainingPlan, TrainRunner
-from scvi.train._trainingplans import _compute_kl_weight
 
+from scvi_unlearn._compat import compute_kl_weight, make_data_loader
 from scvi_unlearn.audit._metrics import auc_from_scores
 from scvi_unlearn.module import per_cell_loss_terms
 
@@ -48,13 +49,14 @@ def gather_tensors(
     indices
         Integer positions in ``adata`` (default: the model's AnnData).
     adata
-        An AnnData already registered with the model (see ``model._validate_anndata``).
+        An AnnData already registered with the model (see
+        :func:`scvi_unlearn._compat.validate_anndata`).
     batch_size
         Cells per loader batch; the result does not depend on it.
     """
     adata = model.adata if adata is None else adata
     indices = np.asarray(indices, dtype=np.int64)
-    loader = model._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+    loader = make_data_loader(model, adata, indices=indices, batch_size=batch_size)
     chunks: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         for key, value in batch.items():
@@ -279,7 +281,7 @@ def last_kl_weight(plan: TrainingPlan) -> float:
     Lightning has advanced past the last epoch and step when ``fit`` returns, hence the -1s.
     """
     return float(
-        _compute_kl_weight(
+        compute_kl_weight(
             plan.current_epoch - 1,
             plan.global_step - 1,
             plan.n_epochs_kl_warmup,
@@ -308,3 +310,12 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch through scvi-tools' settings (Lightning's seed_everything)."""
     settings.seed = int(seed)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (bitwise: any change shows)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

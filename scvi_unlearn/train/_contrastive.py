@@ -15,11 +15,15 @@ from typing import Any
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode
+from scvi_unlearn._compat import inference_inputs
+from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode, gather_tensors
+from scvi_unlearn.train._epochs import FixedEpochs
+from scvi_unlearn.train._method import TRAINING_PARAMS, PlanMethod, UnlearningRun, register_method
+from scvi_unlearn.train._params import Param
 
 
 def _posterior(module: torch.nn.Module, tensors: Tensors) -> Normal:
-    inputs = module._get_inference_input(tensors)
+    inputs = inference_inputs(module, tensors)
     return module.inference(**inputs)["qz"]
 
 
@@ -79,3 +83,25 @@ class ContrastiveLatentPlan(UnlearningTrainingPlan):
         self.log("forget_kl_to_prior", forget_term.detach(), prog_bar=True)
         self.log("retain_anchor_kl", anchor.detach())
         return forget_term + self.anchor_weight * anchor
+
+
+@register_method
+class Contrastive(PlanMethod):
+    """Encoder only: the forget cells' posteriors pulled to the prior, retained ones anchored."""
+
+    name = "contrastive"
+    description = (
+        "encoder only: forget posteriors to the prior, retained ones anchored "
+        "(the original study's contrastive-latent method; it over-unlearned there)"
+    )
+    plan = ContrastiveLatentPlan
+    params = {
+        **TRAINING_PARAMS,
+        "anchor_weight": Param(kind="float", low=0, doc="weight of the retained anchor"),
+        "forget_batch_size": Param(kind="int", low=1),
+    }
+    epochs = FixedEpochs(10)
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """The forget cells' tensors."""
+        return {"forget_tensors": gather_tensors(run.model, run.forget)}

@@ -7,10 +7,11 @@ changes in the weights is bounded by the privacy budget ``(epsilon, delta)``. Ea
    ``sample_rate`` (Opacus' :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`
    over scvi-tools' own AnnData dataset, see :class:`PoissonDataSplitter`); a batch may be
    empty, which is then a noise-only step;
-2. computes every cell's gradient norm of its own negative ELBO: by default without the
-   gradients themselves (``grad_sample_mode="ghost"``: hooks and two backward passes of the
-   batch, :mod:`scvi_unlearn.train._ghost`), or every cell's gradient with ``torch.func``
-   (``"vmap"``: ``vmap(grad(functional_call(...)))``, chunk by chunk; the reference);
+2. computes every cell's gradient norm of its own negative ELBO without the gradients
+   themselves ("ghost clipping": hooks and two backward passes of the batch,
+   :mod:`scvi_unlearn.train._ghost`); the tests check it against every cell's own gradient
+   from ``torch.func`` (``tests/_vmap_reference.py``, which patches torch to trace scVI and so
+   stays out of the package);
 3. clips each cell's gradient to L2 norm ``max_grad_norm`` (one flat norm over all trainable
    parameters), sums them, adds ``noise_multiplier * max_grad_norm * N(0, I)``, divides by the
    *expected* batch size ``sample_rate * n_train`` and takes scVI's Adam step;
@@ -30,28 +31,23 @@ running statistics are an unprotected release), so models must be built with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scvi.dataloaders import DataSplitter
-from scvi.model._utils import get_max_epochs_heuristic
 from scvi.train import TrainingPlan
-from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import DataLoader
 
+from scvi_unlearn._compat import max_epochs_heuristic
 from scvi_unlearn._utils import dump_json
 from scvi_unlearn._validation import as_cell_indices
-from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.module._loss import per_cell_loss_terms_and_likelihood
 from scvi_unlearn.train._common import (
-    iter_chunks,
     last_kl_weight,
     make_data_splitter,
     n_cells,
@@ -70,8 +66,8 @@ if TYPE_CHECKING:
 ACCOUNTANTS = ("rdp", "prv")
 #: Per-cell losses :class:`DPTrainingPlan` can privatise.
 PER_CELL_LOSSES = ("elbo", "posterior_mean")
-#: How :class:`DPTrainingPlan` gets per-cell gradient norms: hooks (fast) or ``torch.func``.
-GRAD_SAMPLE_MODES = ("ghost", "vmap")
+#: How :class:`DPTrainingPlan` gets per-cell gradient norms: hooks ("ghost clipping").
+GRAD_SAMPLE_MODES = ("ghost",)
 #: File that :func:`save_privacy` writes beside a saved model.
 PRIVACY_FILE = "dp_privacy.json"
 _INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
@@ -211,73 +207,6 @@ def privacy_spent(
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(acc.get_epsilon(delta=float(delta)))
-
-
-# -- vmap-compatible scVI -------------------------------------------------------------------------
-def _rsample_out_of_place(self, sample_shape=torch.Size()):  # noqa: B008 (torch's signature)
-    shape = self._extended_shape(sample_shape)
-    eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-    return self.loc + eps * self.scale
-
-
-@contextlib.contextmanager
-def vmap_compatible(module: torch.nn.Module):
-    """Make an scVI ``VAE`` traceable by ``torch.func.vmap`` with per-cell randomness.
-
-    Inside the block: torch distributions skip their (data-dependent) argument checks; a
-    :class:`torch.distributions.Normal` draws its reparameterisation noise out of place
-    (``torch.randn``), so ``randomness="different"`` gives every cell its own latent sample
-    (torch's in-place ``normal_`` on an unbatched tensor cannot); ``one_hot`` with a known
-    number of classes becomes a comparison with ``arange`` (scvi-tools' batch and label
-    covariates), because ``torch.nn.functional.one_hot`` checks its input's range on the data.
-    Everything is restored on exit. Not thread-safe: it patches module-level names.
-    """
-    original_one_hot = torch.nn.functional.one_hot
-
-    def one_hot(tensor: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
-        if num_classes < 0:
-            return original_one_hot(tensor, num_classes)
-        classes = torch.arange(num_classes, device=tensor.device)
-        return (tensor.unsqueeze(-1) == classes).to(torch.int64)
-
-    names = {type(module).__module__, "scvi.module._vae", "scvi.nn._base_components"}
-    patched = [
-        sys.modules[name]
-        for name in names
-        if name in sys.modules and getattr(sys.modules[name], "one_hot", None) is original_one_hot
-    ]
-    validate = torch.distributions.Distribution._validate_args
-    rsample = torch.distributions.Normal.rsample
-    torch.distributions.Distribution.set_default_validate_args(False)
-    torch.distributions.Normal.rsample = _rsample_out_of_place
-    torch.nn.functional.one_hot = one_hot
-    for mod in patched:
-        mod.one_hot = one_hot
-    try:
-        yield module
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(validate)
-        torch.distributions.Normal.rsample = rsample
-        torch.nn.functional.one_hot = original_one_hot
-        for mod in patched:
-            mod.one_hot = original_one_hot
-
-
-class _CellLoss(torch.nn.Module):
-    """A batch's loss (one cell under ``vmap``) as a module for ``functional_call``."""
-
-    def __init__(self, vae: torch.nn.Module, posterior_mean: bool):
-        super().__init__()
-        self.vae = vae
-        self.posterior_mean = posterior_mean
-
-    def forward(self, tensors: Tensors, kl_weight) -> torch.Tensor:
-        if self.posterior_mean:
-            terms = per_cell_loss_terms(self.vae, tensors)
-            return (terms["reconstruction_nll"] + kl_weight * terms["kl_z"]).mean()
-        # scVI's own training loss: sampled z, dropout, ``VAE.loss`` (the batch mean).
-        _, _, loss_output = self.vae(tensors, loss_kwargs={"kl_weight": kl_weight})
-        return loss_output.loss
 
 
 # -- Poisson sampling -----------------------------------------------------------------------------

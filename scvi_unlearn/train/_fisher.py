@@ -35,9 +35,19 @@ from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
     eval_mode,
+    gather_tensors,
     iter_chunks,
     n_cells,
 )
+from scvi_unlearn.train._epochs import FineTuneEpochs
+from scvi_unlearn.train._method import (
+    TRAINING_PARAMS,
+    PlanMethod,
+    UnlearningRun,
+    register_method,
+    sample_retained,
+)
+from scvi_unlearn.train._params import Param
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -544,3 +554,66 @@ class FisherScrubbingPlan(UnlearningTrainingPlan):
             sum(p.numel() for p in trainable_parameters(self.module).values())
         )
         return summary
+
+
+# -- the methods -------------------------------------------------------------------------------
+_FISHER_PARAMS = {
+    "alpha": Param(kind="float", low=0, doc="scale of the Golatkar noise"),
+    "eps": Param(kind="float", low=0, low_open=True),
+    "max_std": Param(kind="float", low=0, low_open=True),
+    "n_fisher_cells": Param(1024, "int", low=1),
+    "fisher_method": Param(kind="str", doc="'hooks' (default) or 'functional' (reference)"),
+    "fisher_batch_size": Param(kind="int", low=1, allow_none=True),
+    "finetune_epochs": Param(0, "int", low=0),
+    "ssd": Param(kind="bool"),
+    "selection_weight": Param(kind="float", low=0, low_open=True),
+    "dampening": Param(kind="float", low=0, low_open=True),
+}
+
+
+@register_method
+class Fisher(PlanMethod):
+    """Golatkar et al.'s Fisher scrubbing on retained cells, optionally with SSD dampening."""
+
+    name = "fisher"
+    description = "Golatkar Fisher scrubbing (+ optional SSD and retain fine-tune)"
+    plan = FisherScrubbingPlan
+    params = {**TRAINING_PARAMS, **_FISHER_PARAMS}
+    epochs = FineTuneEpochs()
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """The Fisher cells (a sample of retained cells) and, for SSD, the forget cells."""
+        hp = run.hyperparameters
+        fisher_cells = sample_retained(run, hp["n_fisher_cells"])
+        forget = gather_tensors(run.model, run.forget) if self.dampens(hp) else None
+        return {
+            "fisher_tensors": gather_tensors(run.model, fisher_cells),
+            "forget_tensors": forget,
+            "ssd": self.dampens(hp),
+        }
+
+    def dampens(self, hyperparameters: dict[str, Any]) -> bool:
+        """Whether the run applies Selective Synaptic Dampening."""
+        return bool(hyperparameters["ssd"])
+
+    def summary(self, plan) -> dict[str, Any]:
+        """The plan's edit summary (noise scale, dampened share)."""
+        return dict(plan.edit_summary_ or {})
+
+
+@register_method
+class SSD(Fisher):
+    """Selective Synaptic Dampening: Fisher-selected weights dampened, no noise by default."""
+
+    name = "ssd"
+    description = "Selective Synaptic Dampening (Foster et al. 2024)"
+    params = {
+        **TRAINING_PARAMS,
+        **{k: v for k, v in _FISHER_PARAMS.items() if k != "ssd"},
+        # Method-level default: SSD dampens and adds no Golatkar noise unless asked.
+        "alpha": Param(0.0, "float", low=0),
+    }
+
+    def dampens(self, hyperparameters: dict[str, Any]) -> bool:
+        """Always."""
+        return True

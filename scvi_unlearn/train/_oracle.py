@@ -24,7 +24,24 @@ import numpy as np
 import torch
 
 from scvi_unlearn.module import per_cell_loss_terms
-from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode, iter_chunks
+from scvi_unlearn.train._common import (
+    Tensors,
+    UnlearningTrainingPlan,
+    eval_mode,
+    gather_tensors,
+    iter_chunks,
+)
+from scvi_unlearn.train._epochs import FixedEpochs
+from scvi_unlearn.train._method import (
+    RETAIN_FRACTION_PARAMS,
+    TRAINING_PARAMS,
+    PlanMethod,
+    UnlearningRun,
+    register_method,
+    with_history,
+)
+from scvi_unlearn.train._params import Param
+from scvi_unlearn.train._references import REFERENCE_PARAMS, run_reference_pool
 
 #: Keys of the oracle targets in the forget cells' held tensors.
 TARGET_LOG_MU = "oracle_log_mu"
@@ -189,3 +206,52 @@ class OracleMatchingPlan(UnlearningTrainingPlan):
         retain = self.retain_loss(batch).loss
         self.log("oracle_matching_loss", match.detach(), prog_bar=True)
         return match + self.retain_weight * retain
+
+
+# -- the method --------------------------------------------------------------------------------
+@register_method
+class OracleMatching(PlanMethod):
+    """Match the forget cells' outputs to targets from reference models that left them out."""
+
+    name = "oracle_matching"
+    description = (
+        "match the forget cells' outputs to oracle targets from reference models "
+        "that left them out (Georgiev et al. 2025)"
+    )
+    plan = OracleMatchingPlan
+    params = {
+        **TRAINING_PARAMS,
+        **RETAIN_FRACTION_PARAMS,
+        **REFERENCE_PARAMS,
+        "retain_weight": Param(kind="float", low=0, doc="weight of the retain ELBO term"),
+        "score_weight": Param(kind="float", low=0, doc="weight of the attacker-score term"),
+        "forget_batch_size": Param(kind="int", low=1),
+        "group_key": Param(
+            None,
+            "str",
+            allow_none=True,
+            doc="obs column whose groups the references leave out whole (donor requests)",
+        ),
+    }
+    epochs = FixedEpochs(10)
+
+    def run(self, run: UnlearningRun) -> dict[str, Any]:
+        """Train (or load) the reference pool, compute the targets, fit the plan."""
+        hp = run.hyperparameters
+        pool, record = run_reference_pool(run, keep_models=True, group_key=hp["group_key"])
+        forget = gather_tensors(run.model, run.forget)
+        targets = oracle_targets(
+            run.model.module, pool.state_dicts, pool.in_mask[:, run.forget], forget
+        )
+        forget[TARGET_LOG_MU] = targets["log_mu"]
+        forget[TARGET_SCORE] = targets["score"]
+        plan = OracleMatchingPlan(
+            run.model.module, forget, score_sd=targets["score_sd"], **self.plan_arguments(run)
+        )
+        summary = {
+            **record,
+            "reference_group_key": hp["group_key"],
+            "oracle_score_shift_mean": float(np.mean(targets["score_shift"])),
+            "oracle_score_sd": targets["score_sd"],
+        }
+        return with_history(summary, run.fit(plan, run.retain))

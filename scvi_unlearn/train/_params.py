@@ -50,7 +50,8 @@ class Param:
     allow_none: bool = False
     doc: str = ""
 
-    def _range_text(self) -> str:
+    def range_text(self) -> str:
+        """The allowed range in interval notation, e.g. ``[0, 1)``."""
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         left = "(" if self.low_open or self.low is None else "["
@@ -89,7 +90,7 @@ class Param:
             value > self.high or (self.high_open and value == self.high)
         )
         if too_low or too_high or value != value:
-            raise ValueError(f"{where} must be in {self._range_text()}, got {value!r}.")
+            raise ValueError(f"{where} must be in {self.range_text()}, got {value!r}.")
         return value
 
 

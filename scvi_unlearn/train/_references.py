@@ -17,12 +17,25 @@ import numpy as np
 
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.audit import ShadowPool, default_cache_dir, group_codes, train_shadow_pool
+from scvi_unlearn.train._params import Param
 
 #: Added to the run's seed for reference pools: an audit's shadows (seed ``s``) and a method's
 #: references never share a membership draw or a cache entry.
 REFERENCE_SEED_OFFSET = 100_003
 #: Reference models a method trains when none is given (each cell OUT for half of them).
 DEFAULT_N_REFERENCES = 4
+#: Hyper-parameters of every method that trains a reference pool.
+REFERENCE_PARAMS = {
+    "n_references": Param(
+        DEFAULT_N_REFERENCES, "int", low=4, doc="method reference models (even, >= 4)"
+    ),
+    "reference_cache_dir": Param(
+        None, "str", allow_none=True, doc="default: <shadow cache>/method_references"
+    ),
+    # The pool belongs to the data set and recipe, not to one request: every request (and
+    # every unlearning seed) reuses it, so it is paid once.
+    "reference_seed": Param(0, "int", low=0, doc="seed of the reference pool (not the run's)"),
+}
 
 
 def reference_cache_dir(cache_dir: str | Path | bool | None = None) -> Path | None:

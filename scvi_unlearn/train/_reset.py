@@ -12,10 +12,27 @@ import copy
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from scvi import REGISTRY_KEYS
 
 from scvi_unlearn.module import per_cell_loss_terms
-from scvi_unlearn.train._common import UnlearningTrainingPlan, eval_mode, iter_chunks, n_cells
+from scvi_unlearn.train._common import (
+    UnlearningTrainingPlan,
+    eval_mode,
+    gather_tensors,
+    iter_chunks,
+    n_cells,
+)
+from scvi_unlearn.train._epochs import RecipeShare
+from scvi_unlearn.train._method import (
+    TRAINING_PARAMS,
+    PlanMethod,
+    UnlearningRun,
+    register_method,
+    sample_retained,
+)
+from scvi_unlearn.train._params import Param
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -230,3 +247,58 @@ class ResetRelearnPlan(UnlearningTrainingPlan):
             "reset_batches": self.reset_batches,
             "n_batch_weights_reset": n_covariate,
         }
+
+
+# -- the method --------------------------------------------------------------------------------
+@register_method
+class ResetRelearn(PlanMethod):
+    """Reset the weights most salient to the forget cells, then relearn on the retained cells."""
+
+    name = "reset_relearn"
+    description = "saliency-guided partial reset, then relearning on retained cells"
+    plan = ResetRelearnPlan
+    params = {
+        **TRAINING_PARAMS,
+        "reset_fraction": Param(kind="float", low=0, high=1, doc="top share by saliency"),
+        "random_fraction": Param(kind="float", low=0, high=1, doc="random share"),
+        "eps": Param(kind="float", low=0, low_open=True),
+        "n_saliency_cells": Param(1024, "int", low=1, doc="retained cells for saliency"),
+        "relearn_budget": Param(
+            0.15, "float", low=0, high=1, low_open=True, doc="share of the recipe's epochs"
+        ),
+    }
+    epochs = RecipeShare("relearn_budget")
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """Forget cells, a retained sample, the request's reset seed and forgotten batches."""
+        retain_sample = sample_retained(run, run.hyperparameters["n_saliency_cells"])
+        forget_names = run.model.adata.obs_names[run.forget].tolist()
+        return {
+            "forget_tensors": gather_tensors(run.model, run.forget),
+            "retain_tensors": gather_tensors(run.model, retain_sample),
+            "reset_seed": request_seed(run.seed, forget_names),
+            "reset_batches": forgotten_batches(run),
+        }
+
+    def run(self, run: UnlearningRun) -> dict[str, Any]:
+        """The plan's run, with the names of the batches whose columns were reset."""
+        summary = super().run(run)
+        if summary.get("reset_batches"):
+            mapping = run.model.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)
+            names = list(mapping.categorical_mapping)
+            summary["reset_batch_names"] = [str(names[b]) for b in summary["reset_batches"]]
+        return summary
+
+    def summary(self, plan) -> dict[str, Any]:
+        """The plan's edit summary (reset shares, reset batches)."""
+        return dict(plan.edit_summary_ or {})
+
+
+def forgotten_batches(run: UnlearningRun) -> list[int]:
+    """Batch codes none of whose cells the model keeps (a whole donor or batch forgotten)."""
+    if REGISTRY_KEYS.BATCH_KEY not in run.model.adata_manager.data_registry:
+        return []
+    codes = np.asarray(run.model.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY))
+    codes = codes.reshape(-1)
+    kept = np.union1d(run.retain, run.validation).astype(np.int64)
+    return sorted(set(codes[run.forget].tolist()) - set(codes[kept].tolist()))

@@ -11,7 +11,7 @@ from scvi_unlearn.module import per_cell_loss_terms
 from scvi_unlearn.train._common import eval_mode, gather_tensors, iter_chunks, to_device
 
 if TYPE_CHECKING:
-    from scvi_unlearn.train._methods import UnlearningRun
+    from scvi_unlearn.train._method import UnlearningRun
 
 #: Held-out cells on which utility is measured (a seeded sample when there are more).
 N_UTILITY_CELLS = 2000
