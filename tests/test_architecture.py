@@ -27,7 +27,7 @@ PACKAGE = Path(su.__file__).resolve().parent
 LAZY_ALLOWED = {"matplotlib", "scanpy", "ray", "opacus"}
 #: Lower layers first: a module may import only from its own layer or a lower one.
 LAYERS = [
-    {"_utils", "_validation", "_verdict", "_executor", "_io"},
+    {"_utils", "_validation", "_verdict", "_executor", "_io", "_compat"},
     {"_model_data", "module", "data", "_recipe", "_configurations", "pl"},
     {"audit"},
     {"train", "utility"},
