@@ -103,7 +103,7 @@ def main() -> None:
         default=["structured", "scattered"],
     )  # fmt: skip
     parser.add_argument("--dp-seeds", type=int, default=3, help="DP models per epsilon")
-    parser.add_argument("--grad-sample-mode", choices=["ghost", "vmap"], default="ghost")
+    parser.add_argument("--grad-sample-mode", choices=["ghost"], default="ghost")
     parser.add_argument("--target", choices=["memorising", "default"], default="memorising")
     parser.add_argument("--train-on", choices=["train", "retained", "both"], default="train")
     parser.add_argument("--epochs", type=int, default=None, help="default: DATASET_SETTINGS")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -11,6 +12,12 @@ import opacus  # noqa: F401  (in the test extra: a missing opacus fails, never s
 import pytest
 import scvi
 import torch
+from _vmap_reference import (
+    VmapDPTrainingPlan,
+    clipped_gradient_sum,
+    per_cell_gradients,
+    vmap_training,
+)
 
 import scvi_unlearn as su
 from scvi_unlearn.module import per_cell_loss_terms
@@ -94,7 +101,7 @@ def test_per_cell_gradients_are_clipped(adata):
 
 
 def test_per_cell_gradients_match_autograd_one_cell_at_a_time():
-    """vmap over cells, with batch covariates one-hot encoded inside the traced function."""
+    """The vmap reference, with batch covariates one-hot encoded inside the traced function."""
     data = su.data.synthetic_pbmc(n_cells=120, n_genes=50, seed=0)  # not a copy: own registry
     data.obs["batch"] = np.where(np.arange(data.n_obs) % 2, "a", "b")
     su.model.SCVI.setup_anndata(data, batch_key="batch")
@@ -105,7 +112,7 @@ def test_per_cell_gradients_match_autograd_one_cell_at_a_time():
         per_cell_loss="posterior_mean", n_epochs_kl_warmup=None,
     )  # fmt: skip
     tensors = gather_tensors(model, np.arange(6))
-    grads, losses = plan.per_cell_gradients(tensors)
+    grads, losses = per_cell_gradients(plan, tensors)
     params = dict(module.named_parameters())
     for i in range(6):
         cell = {k: v[i : i + 1] for k, v in tensors.items()}
@@ -247,10 +254,10 @@ def _covariate_model(dispersion: str, dropout_rate: float = 0.0):
     return fresh_model(data, dropout_rate=dropout_rate, dispersion=dispersion)
 
 
-def _plan(module, mode: str, per_cell_loss: str, max_grad_norm: float = 1.0):
+def _plan(module, per_cell_loss: str, max_grad_norm: float = 1.0, **kwargs):
     return DPTrainingPlan(
         module, noise_multiplier=0.0, max_grad_norm=max_grad_norm, sample_rate=1.0, n_train=24,
-        per_cell_loss=per_cell_loss, grad_sample_mode=mode, n_epochs_kl_warmup=None,
+        per_cell_loss=per_cell_loss, n_epochs_kl_warmup=None, **kwargs,
     )  # fmt: skip
 
 
@@ -261,12 +268,9 @@ def test_ghost_clipping_equals_vmap_clipping(dispersion):
     module = model.module.train()
     tensors = gather_tensors(model, np.arange(24))
     norm = 100.0  # about the median raw norm here: some cells clipped, some not
-    ghost, raw_g, clip_g = _plan(module, "ghost", "posterior_mean", norm).clipped_gradient_sum(
-        tensors
-    )
-    ref, raw_v, clip_v = _plan(module, "vmap", "posterior_mean", norm).clipped_gradient_sum(
-        tensors
-    )
+    plan = _plan(module, "posterior_mean", norm)
+    ghost, raw_g, clip_g = plan.clipped_gradient_sum(tensors)
+    ref, raw_v, clip_v = clipped_gradient_sum(plan, tensors, chunk_size=10)  # 3 chunks
     assert torch.allclose(raw_g, raw_v, rtol=1e-4)
     assert bool((raw_v > norm).any()) and bool((raw_v < norm).any())
     assert torch.allclose(clip_g, clip_v, rtol=1e-4)
@@ -280,7 +284,7 @@ def test_ghost_clipping_of_the_sampled_elbo_matches_one_backward_per_cell():
     """scVI's own loss (sampled z, dropout on): the same forward differentiated cell by cell."""
     model = _covariate_model("gene", dropout_rate=0.2)
     module = model.module.train()
-    plan = _plan(module, "ghost", "elbo", max_grad_norm=100.0)
+    plan = _plan(module, "elbo", max_grad_norm=100.0)
     tensors = gather_tensors(model, np.arange(24))
     params = dict(module.named_parameters())
     expected = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -314,21 +318,42 @@ def test_ghost_clipping_refuses_layers_it_cannot_split(adata):
     from scvi_unlearn.train._ghost import GhostClipper
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv1d(1, 1, 2))
-    with pytest.raises(ValueError, match="grad_sample_mode='vmap'"):
+    with pytest.raises(ValueError, match=r"Conv1d.*linear or 1-d layer norm"):
         GhostClipper(module)
-    with pytest.raises(ValueError, match="grad_sample_mode"):
-        _plan(fresh_model(adata).module, "per-sample", "elbo")
+    with pytest.raises(ValueError, match="Unknown grad_sample_mode"):
+        _plan(fresh_model(adata).module, "elbo", grad_sample_mode="per-sample")
+
+
+def test_the_removed_vmap_mode_and_its_chunk_size_are_clear_errors(adata):
+    """The torch.func path lives in the tests only (it patches torch); asking for it says so."""
+    model = fresh_model(adata)
+    for call in (
+        lambda: _plan(model.module, "elbo", grad_sample_mode="vmap"),
+        lambda: train_dp(model, noise_multiplier=1.0, grad_sample_mode="vmap", **QUIET),
+    ):
+        with pytest.raises(ValueError, match=r"'vmap' is no longer available.*ghost"):
+            call()
+    for call in (
+        lambda: _plan(model.module, "elbo", chunk_size=8),
+        lambda: train_dp(model, noise_multiplier=1.0, chunk_size=8, **QUIET),
+    ):
+        with pytest.raises(ValueError, match=r"`chunk_size`.*no longer accepted"):
+            call()
+    assert not model.is_trained
 
 
 def test_ghost_and_vmap_training_agree_without_randomness(adata):
     """A whole DP run (noise, Poisson batches) gives the same weights by either path."""
     weights = []
-    for mode in ("ghost", "vmap"):
+    for reference in (False, True):
         model = fresh_model(adata, dropout_rate=0.0)
-        train_dp(model, noise_multiplier=0.5, max_grad_norm=1.0, max_epochs=2, batch_size=32,
-                 per_cell_loss="posterior_mean", grad_sample_mode=mode, seed=3,
-                 **QUIET)  # fmt: skip
-        assert model.dp_privacy_["grad_sample_mode"] == mode
+        with vmap_training() if reference else contextlib.nullcontext():
+            train_dp(model, noise_multiplier=0.5, max_grad_norm=1.0, max_epochs=2,
+                     batch_size=32, per_cell_loss="posterior_mean", seed=3,
+                     **QUIET)  # fmt: skip
+        plan = model.trainer.lightning_module
+        assert isinstance(plan, VmapDPTrainingPlan) == reference
+        assert model.dp_privacy_["grad_sample_mode"] == "ghost"
         weights.append({k: v.clone() for k, v in model.module.state_dict().items()})
     for name, w in weights[0].items():
         assert torch.allclose(w, weights[1][name], rtol=1e-3, atol=1e-5), name

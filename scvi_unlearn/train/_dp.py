@@ -119,6 +119,45 @@ def check_no_batch_norm(module: torch.nn.Module) -> None:
         )
 
 
+def check_grad_sample_mode(grad_sample_mode: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Raise for a per-cell gradient mode other than ``"ghost"``, or a ``chunk_size``.
+
+    ``"vmap"`` (every cell's gradient by ``torch.func``) and its ``chunk_size`` are no longer
+    part of the package: tracing scVI under ``vmap`` needed torch and scvi-tools patched at run
+    time, which is not thread-safe. Ghost clipping gives the same clipped sums; the ``vmap``
+    computation is kept as the tests' reference.
+
+    Parameters
+    ----------
+    grad_sample_mode
+        The mode asked for.
+    kwargs
+        Other keyword arguments of the call, checked for ``chunk_size`` (which would otherwise
+        travel on to scvi-tools' plan or Lightning's trainer and fail far from here).
+
+    Raises
+    ------
+    ValueError
+        For ``"vmap"`` or any other unknown mode, and for a ``chunk_size``.
+    """
+    removed = (
+        "per-cell gradients by torch.func were removed from scvi-unlearn (tracing scVI needed "
+        "torch and scvi-tools patched at run time); ghost clipping (grad_sample_mode='ghost', "
+        "the default) gives the same clipped sums"
+    )
+    if grad_sample_mode == "vmap":
+        raise ValueError(f"grad_sample_mode='vmap' is no longer available: {removed}.")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"Unknown grad_sample_mode {grad_sample_mode!r}; choose from {GRAD_SAMPLE_MODES}."
+        )
+    if kwargs and "chunk_size" in kwargs:
+        raise ValueError(
+            f"`chunk_size` (cells per torch.func call) is no longer accepted: {removed}, "
+            "without chunks. Drop the argument."
+        )
+
+
 def _check_positive(name: str, value: float | None, allow_zero: bool = False) -> float:
     try:
         value = float(value)
@@ -300,20 +339,18 @@ class DPTrainingPlan(TrainingPlan):
     """scVI's :class:`~scvi.train.TrainingPlan` trained with DP-SGD (manual optimisation).
 
     Each training step privatises the gradient of the batch's per-cell losses (see the
-    module docstring): per-cell gradient norms from hooks (``grad_sample_mode="ghost"``) or
-    per-cell gradients by ``torch.func.vmap`` over ``grad`` of a ``functional_call`` of the
-    ``VAE`` on one cell (``"vmap"``), flat L2 clipping to ``max_grad_norm``,
-    their sum plus ``noise_multiplier * max_grad_norm * N(0, I)`` divided by the expected batch
-    size ``sample_rate * n_train``, then scVI's optimizer (Adam) steps and the accountant
-    records one step of ``(noise_multiplier, sample_rate)``.
+    module docstring): per-cell gradient norms from hooks (ghost clipping), flat L2 clipping
+    to ``max_grad_norm``, their sum plus ``noise_multiplier * max_grad_norm * N(0, I)``
+    divided by the expected batch size ``sample_rate * n_train``, then scVI's optimizer (Adam)
+    steps and the accountant records one step of ``(noise_multiplier, sample_rate)``.
 
     The per-cell loss (``per_cell_loss``):
 
-    - ``"elbo"`` (default): scVI's own training loss for one cell, ``VAE.loss`` on a batch of
-      that cell (reconstruction at a sampled ``z`` plus ``kl_weight`` times the KL, dropout on),
-      each cell with its own latent sample and dropout mask (``randomness="different"``). It
-      is the loss scVI trains, so a DP model is an scVI model trained by a noisier optimiser:
-      the encoder's variance keeps learning through the reconstruction term.
+    - ``"elbo"`` (default): scVI's own training loss for one cell, ``VAE.loss`` before its
+      batch mean (reconstruction at a sampled ``z`` plus ``kl_weight`` times the KL, dropout
+      on), each cell with its own latent sample and dropout mask. It is the loss scVI trains,
+      so a DP model is an scVI model trained by a noisier optimiser: the encoder's variance
+      keeps learning through the reconstruction term.
     - ``"posterior_mean"``: the deterministic loss of
       :func:`~scvi_unlearn.module.per_cell_loss_terms` (reconstruction at the posterior mean
       plus ``kl_weight`` times the KL), lower-variance but blind to the encoder's variance
@@ -346,13 +383,10 @@ class DPTrainingPlan(TrainingPlan):
     per_cell_loss
         ``"elbo"`` or ``"posterior_mean"``, see above.
     grad_sample_mode
-        ``"ghost"`` (default): each cell's gradient norm from forward hooks and one backward
-        of the batch, then one backward of the clip-weighted losses gives the clipped sum
-        (:class:`~scvi_unlearn.train._ghost.GhostClipper`); no per-cell gradient is stored.
-        ``"vmap"``: every cell's gradient by ``torch.func`` (the reference; slower, memory
-        ``chunk_size`` gradient copies). Both give the same clipped sum to float tolerance.
-    chunk_size
-        Cells per ``vmap`` call (``grad_sample_mode="vmap"``).
+        ``"ghost"``, the only mode: each cell's gradient norm from forward hooks and one
+        backward of the batch, then one backward of the clip-weighted losses gives the clipped
+        sum (:class:`~scvi_unlearn.train._ghost.GhostClipper`); no per-cell gradient is
+        stored. The tests check it against every cell's own gradient from ``torch.func``.
     record_norms
         Keep every step's per-cell gradient norms before and after clipping
         (``norms_``; for tests and diagnostics; these are not private).
@@ -373,10 +407,10 @@ class DPTrainingPlan(TrainingPlan):
         seed: int = 0,
         per_cell_loss: str = "elbo",
         grad_sample_mode: str = "ghost",
-        chunk_size: int = 64,
         record_norms: bool = False,
         **plan_kwargs: Any,
     ):
+        check_grad_sample_mode(grad_sample_mode, plan_kwargs)
         require_opacus()
         from opacus.accountants import create_accountant
 
@@ -393,12 +427,8 @@ class DPTrainingPlan(TrainingPlan):
             raise ValueError(
                 f"Unknown per_cell_loss {per_cell_loss!r}; choose from {PER_CELL_LOSSES}."
             )
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"Unknown grad_sample_mode {grad_sample_mode!r}; choose from {GRAD_SAMPLE_MODES}."
-            )
-        if int(n_train) < 1 or int(chunk_size) < 1:
-            raise ValueError("`n_train` and `chunk_size` must be positive integers.")
+        if int(n_train) < 1:
+            raise ValueError("`n_train` must be a positive integer.")
         super().__init__(module, **plan_kwargs)
         self.automatic_optimization = False
         self.noise_multiplier = float(noise_multiplier)
@@ -412,8 +442,7 @@ class DPTrainingPlan(TrainingPlan):
         self.per_cell_loss = per_cell_loss
         self.grad_sample_mode = grad_sample_mode
         # Built here so that an unsupported layer fails before training, not at its first step.
-        self._ghost = GhostClipper(module) if grad_sample_mode == "ghost" else None
-        self.chunk_size = int(chunk_size)
+        self._ghost = GhostClipper(module)
         self.record_norms = bool(record_norms)
         #: Per step, ``(raw, clipped)`` per-cell gradient norms (with ``record_norms``).
         self.norms_: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -454,30 +483,11 @@ class DPTrainingPlan(TrainingPlan):
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
 
-    def per_cell_gradients(self, tensors: Tensors) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every cell's gradient of its loss (``[n_cells, *shape]`` per parameter) and losses.
-
-        One ``vmap`` call over all of ``tensors``; :meth:`clipped_gradient_sum` chunks.
-        """
-        wrapper = _CellLoss(self.module, self.per_cell_loss == "posterior_mean")
-        params = {f"vae.{k}": v.detach() for k, v in self._trainable().items()}
-        kl_weight = self.kl_weight if "kl_weight" in self.loss_kwargs else 1.0
-
-        def cell_loss(p: dict[str, torch.Tensor], cell: Tensors) -> torch.Tensor:
-            one = {k: v.unsqueeze(0) for k, v in cell.items()}
-            return functional_call(wrapper, p, (one, kl_weight))
-
-        fn = vmap(grad_and_value(cell_loss), in_dims=(None, 0), randomness="different")
-        with vmap_compatible(self.module):
-            grads, losses = fn(params, tensors)
-        return {k[len("vae.") :]: g for k, g in grads.items()}, losses
-
     def batch_losses(self, batch: Tensors) -> tuple[torch.Tensor, Any]:
         """Per-cell losses of a batch in one forward pass, and the count likelihood.
 
-        The same loss as :meth:`per_cell_gradients` computes cell by cell: ``"elbo"`` is scVI's
-        ``VAE.loss`` before its batch mean (each cell its own latent sample and dropout mask),
-        checked against that mean.
+        ``"elbo"`` is scVI's ``VAE.loss`` before its batch mean (each cell its own latent sample
+        and dropout mask), checked against that mean.
         """
         kl_weight = self.kl_weight if "kl_weight" in self.loss_kwargs else 1.0
         if self.per_cell_loss == "posterior_mean":
@@ -493,8 +503,7 @@ class DPTrainingPlan(TrainingPlan):
         if not torch.allclose(per_cell.mean(), loss_output.loss, rtol=1e-4, atol=1e-4):
             raise RuntimeError(
                 "This module's loss is not the mean of reconstruction + kl_weight * KL(z) + "
-                "KL(l) per cell, which ghost clipping assumes; train with "
-                "grad_sample_mode='vmap'."
+                "KL(l) per cell, which ghost clipping assumes; DP-SGD here trains scVI's VAE."
             )
         return per_cell, generative.get("px")
 
@@ -506,29 +515,11 @@ class DPTrainingPlan(TrainingPlan):
         Each cell's gradient ``g_i`` (all trainable parameters, one flat vector) is scaled by
         ``min(1, C / (||g_i|| + 1e-6))``, Opacus' clipping rule.
         """
-        if self._ghost is not None:
-            if n_cells(batch) == 0:  # an empty Poisson batch: a noise-only step
-                empty = torch.zeros(0, device=self.device)
-                zeros = {k: torch.zeros_like(p) for k, p in self._ghost.params.items()}
-                return zeros, empty, empty
-            return self._ghost.clipped_sum(batch, self.batch_losses, self.max_grad_norm)
-        params = self._trainable()
-        total = {k: torch.zeros_like(p) for k, p in params.items()}
-        raw, clipped = [], []
-        for chunk in iter_chunks(batch, self.chunk_size):
-            grads, _ = self.per_cell_gradients(chunk)
-            norms = torch.sqrt(
-                sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
-            )
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            for k, g in grads.items():
-                total[k] += torch.einsum("i,i...->...", factor, g)
-            raw.append(norms.detach())
-            clipped.append((norms * factor).detach())
-        empty = torch.zeros(0, device=self.device)
-        raw_norms = torch.cat(raw) if raw else empty
-        clipped_norms = torch.cat(clipped) if clipped else empty
-        return total, raw_norms, clipped_norms
+        if n_cells(batch) == 0:  # an empty Poisson batch: a noise-only step
+            empty = torch.zeros(0, device=self.device)
+            zeros = {k: torch.zeros_like(p) for k, p in self._ghost.params.items()}
+            return zeros, empty, empty
+        return self._ghost.clipped_sum(batch, self.batch_losses, self.max_grad_norm)
 
     @torch.no_grad()
     def private_gradient(self, batch: Tensors) -> dict[str, torch.Tensor]:
@@ -585,7 +576,6 @@ def train_dp(
     enable_progress_bar: bool = True,
     per_cell_loss: str = "elbo",
     grad_sample_mode: str = "ghost",
-    chunk_size: int = 64,
     plan_kwargs: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
@@ -636,10 +626,8 @@ def train_dp(
         ``"elbo"`` (scVI's training loss, default) or ``"posterior_mean"``, see
         :class:`DPTrainingPlan`.
     grad_sample_mode
-        ``"ghost"`` (default, hooks: per-cell norms without per-cell gradients) or ``"vmap"``
-        (``torch.func``, the reference), see :class:`DPTrainingPlan`.
-    chunk_size
-        Cells per ``vmap`` call (``"vmap"`` only).
+        ``"ghost"``, the only mode (hooks: per-cell norms without per-cell gradients), see
+        :class:`DPTrainingPlan`; ``"vmap"`` is no longer available.
     plan_kwargs
         Further :class:`DPTrainingPlan` / :class:`scvi.train.TrainingPlan` arguments
         (``weight_decay``, ``n_epochs_kl_warmup``, ``record_norms``, ...).
@@ -671,6 +659,7 @@ def train_dp(
     >>> summary["epsilon"] <= 8.0, summary["steps"], model.is_trained
     (True, 6, True)
     """
+    check_grad_sample_mode(grad_sample_mode, {**(plan_kwargs or {}), **trainer_kwargs})
     opacus = require_opacus()
     check_no_batch_norm(model.module)
     started = time.perf_counter()
@@ -689,7 +678,7 @@ def train_dp(
     if int(batch_size) < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if max_epochs is None:
-        max_epochs = get_max_epochs_heuristic(model.adata.n_obs)
+        max_epochs = max_epochs_heuristic(model.adata.n_obs)
     if int(max_epochs) < 1:
         raise ValueError(f"`max_epochs` must be a positive integer, got {max_epochs!r}.")
     max_epochs = int(max_epochs)
@@ -728,7 +717,6 @@ def train_dp(
         seed=seed,
         per_cell_loss=per_cell_loss,
         grad_sample_mode=grad_sample_mode,
-        chunk_size=chunk_size,
         **kwargs,
     )
     splitter = PoissonDataSplitter.from_model(
@@ -837,11 +825,11 @@ __all__ = [
     "PRIVACY_FILE",
     "DPTrainingPlan",
     "PoissonDataSplitter",
+    "check_grad_sample_mode",
     "check_no_batch_norm",
     "load_privacy",
     "privacy_spent",
     "require_opacus",
     "save_privacy",
     "train_dp",
-    "vmap_compatible",
 ]

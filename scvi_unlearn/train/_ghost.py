@@ -11,7 +11,8 @@ layer) gets its per-cell gradients from the likelihood's ``theta``, as the hook 
 factors ``c_i`` then gives the clipped sum ``sum_i c_i grad loss_i`` exactly.
 
 This replaces ``torch.func.vmap`` over cells (one gradient copy per cell) by two backward passes
-of the batch; both agree to float tolerance (``tests/test_dp.py``).
+of the batch; both agree to float tolerance (``tests/test_dp.py`` against the ``vmap``
+reference of ``tests/_vmap_reference.py``).
 
 The identity needs each cell's row to depend on that cell only (no batch norm in training mode,
 which DP-SGD forbids anyway) and each hooked layer to run once per forward pass; both are
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 
     from scvi_unlearn.train._common import Tensors
 
+#: What DP-SGD supports, for the errors that refuse a model.
+_SUPPORTED = (
+    "DP-SGD trains models whose trainable layers are linear or 1-d layer norm, each run once "
+    "per forward pass: scVI with one-hot covariates (not batch_representation='embedding') "
+    "and use_batch_norm='none', use_layer_norm='both'."
+)
+
 
 class GhostClipper:
     """Per-cell gradient norms and clipped gradient sums of a module, from hooks.
@@ -49,7 +57,8 @@ class GhostClipper:
     ------
     ValueError
         For a trainable parameter in a layer the identity does not cover (batch norm,
-        convolutions, embeddings, ...); use ``grad_sample_mode="vmap"`` for such models.
+        convolutions, embeddings, ...): DP-SGD trains models whose trainable layers are
+        linear or layer norm (scVI with one-hot covariates and layer norm).
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -71,7 +80,7 @@ class GhostClipper:
                 # A parameterised layer whose per-cell norm has no hook identity here.
                 raise ValueError(
                     f"Ghost clipping does not cover layer {prefix} ({type(layer).__name__}); "
-                    "train with grad_sample_mode='vmap'."
+                    f"{_SUPPORTED}"
                 )
         #: Trainable parameters outside hooked layers (scVI: ``px_r``).
         self.others = {n: p for n, p in self.params.items() if n not in covered}
@@ -143,7 +152,7 @@ class GhostClipper:
         squared = torch.zeros_like(per_cell).detach()
         seen: set[torch.nn.Module] = set()
         for (layer, a, _), g in zip(records, grads):
-            refuse_reuse(layer, seen, self.layers[layer], "Train with grad_sample_mode='vmap'.")
+            refuse_reuse(layer, seen, self.layers[layer], _SUPPORTED)
             if g is not None:
                 squared += self._layer_squares(layer, a, g.detach())
         if self.others:
@@ -154,7 +163,7 @@ class GhostClipper:
         if a.dim() != 2:
             raise RuntimeError(
                 f"Layer {self.layers[layer] or type(layer).__name__} got a {a.dim()}-d input; "
-                "ghost clipping needs one row per cell. Train with grad_sample_mode='vmap'."
+                f"ghost clipping needs one row per cell. {_SUPPORTED}"
             )
         prefix = self.layers[layer]
         g2 = g.pow(2).sum(1)
