@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 from _common import TARGET, load, markdown_table, require_data
 from scipy import sparse
-from scvi.model._utils import get_max_epochs_heuristic
 
 import scvi_unlearn as su
+from scvi_unlearn._compat import max_epochs_heuristic
 
 ONEK1K_CELLS = 1_263_676
 ONEK1K_DONORS = 981
@@ -82,7 +82,7 @@ def main() -> None:
         })  # fmt: skip
         print(rows[-1])
     bytes_per_cell = 8 * len(su.module.SCALAR_FEATURES)
-    epochs = get_max_epochs_heuristic(ONEK1K_CELLS)
+    epochs = max_epochs_heuristic(ONEK1K_CELLS)
     plan = []
     hours = AFTERNOON_H
     for name, per_epoch in measured.items():

@@ -76,6 +76,7 @@ from _common import KANG_FILE, MEMORISING, PBMC3K_FILE, SCVI_DEFAULT, data_file,
 from scipy.stats import norm
 
 import scvi_unlearn as su
+from scvi_unlearn._compat import SCVI_BASE_MODEL_LOGGER
 from scvi_unlearn.audit._shadows import ShadowPool
 
 matplotlib.use("Agg")
@@ -99,7 +100,7 @@ def quiet() -> None:
         "lightning.pytorch.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
         "lightning.fabric.utilities.seed",
-        "scvi.model.base._base_model",
+        SCVI_BASE_MODEL_LOGGER,
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")

@@ -28,6 +28,7 @@ import torch
 from _common import KANG_FILE, MEMORISING, data_file, markdown_table, repeat_timed
 
 import scvi_unlearn as su
+from scvi_unlearn import _compat as compat
 from scvi_unlearn.module import sparse_nll
 
 ARCHITECTURES = {
@@ -40,7 +41,7 @@ ARCHITECTURES = {
 def _profile(model, batch_size: int) -> dict[str, float]:
     """Seconds per full pass spent in each stage (stages timed separately, same batches)."""
     module = model.module.eval()
-    loader = model._make_data_loader(adata=model.adata, batch_size=batch_size)
+    loader = compat.make_data_loader(model, model.adata, batch_size=batch_size)
     batches = []
     t0 = time.perf_counter()
     for tensors in loader:
@@ -49,10 +50,10 @@ def _profile(model, batch_size: int) -> dict[str, float]:
     t_inf = t_gen = t_lik = 0.0
     for tensors in batches:
         t0 = time.perf_counter()
-        inf = dict(module.inference(**module._get_inference_input(tensors)))
+        inf = dict(module.inference(**compat.inference_inputs(module, tensors)))
         inf["z"] = module.z_encoder.z_transformation(inf["qz"].loc)
         t1 = time.perf_counter()
-        gen = module.generative(**module._get_generative_input(tensors, inf))
+        gen = module.generative(**compat.generative_inputs(module, tensors, inf))
         t2 = time.perf_counter()
         sparse_nll(gen["px"], tensors["X"])
         t3 = time.perf_counter()

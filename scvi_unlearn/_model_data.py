@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scvi_unlearn._compat import validate_anndata
 from scvi_unlearn._validation import check_genes_match
 
 if TYPE_CHECKING:
@@ -75,6 +76,6 @@ def registered_adata(model: SCVI, adata: AnnData | None) -> AnnData:
     level = scvi_logger.level
     scvi_logger.setLevel(logging.WARNING)  # "attempting to transfer AnnData setup" is expected
     try:
-        return model._validate_anndata(light)
+        return validate_anndata(model, light)
     finally:
         scvi_logger.setLevel(level)

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import scvi
-from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.train import TrainingPlan
 
+from scvi_unlearn._compat import validate_data_split
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn._validation import as_cell_indices
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import re
 from pathlib import Path
 
 import anndata
@@ -134,6 +135,66 @@ def test_function_local_imports_are_only_heavy_optional_dependencies():
             if name.split(".")[0] not in LAZY_ALLOWED:
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}: {name}")
     assert not offenders, offenders
+
+
+# -- scvi-tools internals only through scvi_unlearn._compat ------------------------------------
+#: The one module allowed to touch private scvi-tools APIs.
+COMPAT = PACKAGE / "_compat.py"
+#: Files (relative to the repository) whose private uses are still to be switched to
+#: ``_compat``; each entry must still have one (the test says when to drop it).
+PRIVATE_SCVI_PENDING = {"scvi_unlearn/train/_epochs.py"}
+#: Private methods and attributes of scvi-tools models and modules that ``_compat`` wraps.
+PRIVATE_SCVI_ATTRIBUTES = re.compile(
+    r"\._(make_data_loader|validate_anndata|per_instance_manager_store|setup_adata_manager_store"
+    r"|register_manager_for_instance|get_inference_input|get_generative_input)\b"
+)
+#: A private scvi-tools module named in a string (e.g. a logger name).
+PRIVATE_SCVI_MODULE_NAME = re.compile(r"[\"']scvi(\.[A-Za-z]\w*)*\._\w+")
+
+
+def _private_scvi_uses(path: Path) -> list[str]:
+    """Private scvi-tools imports, attribute uses and module names in one source file."""
+    text = path.read_text()
+    uses = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "scvi":
+            if any(part.startswith("_") for part in node.module.split(".")):
+                uses.append(f"from {node.module} import ...")
+            uses += [f"from {node.module} import {a.name}" for a in node.names if a.name[0] == "_"]
+        elif isinstance(node, ast.Import):
+            uses += [
+                f"import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] == "scvi"
+                and any(part.startswith("_") for part in a.name.split("."))
+            ]
+    for pattern in (PRIVATE_SCVI_ATTRIBUTES, PRIVATE_SCVI_MODULE_NAME):
+        uses += [m.group(0) for m in pattern.finditer(text)]
+    return uses
+
+
+def test_private_scvi_tools_apis_are_used_only_through_compat():
+    """Only ``_compat.py`` imports private scvi-tools modules or names or calls their methods.
+
+    The package and the benchmarks are scanned; the tests may look inside scvi-tools to check
+    the wrappers.
+    """
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(root / "benchmarks").rglob("*.py")]
+    offenders, pending = {}, set()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path == COMPAT:
+            continue
+        uses = _private_scvi_uses(path)
+        if rel in PRIVATE_SCVI_PENDING:
+            pending.update([rel] if uses else [])
+        elif uses:
+            offenders[rel] = uses
+    assert not offenders, f"private scvi-tools uses outside scvi_unlearn/_compat.py: {offenders}"
+    stale = PRIVATE_SCVI_PENDING - pending
+    assert not stale, f"{sorted(stale)} no longer use private scvi-tools APIs: drop the entries"
+    assert _private_scvi_uses(COMPAT)  # the scan finds what it is looking for
 
 
 # -- one function per concept ---------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scvi_unlearn._compat import make_data_loader
 from scvi_unlearn._configurations import check_supported_model
 from scvi_unlearn._model_data import registered_adata
 from scvi_unlearn._validation import as_cell_indices, check_not_minified, check_trained
@@ -81,7 +82,7 @@ def attack_features(
     module = model.module
     was_training = module.training
     module.eval()
-    loader = model._make_data_loader(adata=adata, indices=idx, batch_size=batch_size)
+    loader = make_data_loader(model, adata, indices=idx, batch_size=batch_size)
     chunks: list[torch.Tensor] = []
     latents: list[torch.Tensor] = []
     try:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from scvi_unlearn._compat import SCVI_BASE_MODEL_LOGGER
 from scvi_unlearn._executor import Executor, get_default_executor, writable_dir
 from scvi_unlearn.audit._features import attack_features
 from scvi_unlearn.module import SCALAR_FEATURES
@@ -203,7 +204,7 @@ def _quiet_lightning():
         "lightning.pytorch.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
         "lightning.fabric.utilities.seed",
-        "scvi.model.base._base_model",
+        SCVI_BASE_MODEL_LOGGER,
     )
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]

@@ -9,6 +9,7 @@ from uuid import uuid4
 from anndata import AnnData
 from scvi.data import AnnDataManager
 
+from scvi_unlearn._compat import instance_managers, register_manager
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.train._common import last_kl_weight
 
@@ -51,12 +52,6 @@ def clone_model(model: scvi.model.SCVI, cls: type | None = None) -> scvi.model.S
         new.final_kl_weight_ = last_kl_weight(plan)
     # scvi-tools keeps AnnData managers in per-class stores: register the original's managers
     # with the copy's class so the copy finds its data.
-    for manager in type(model)._per_instance_manager_store.get(model.id, {}).values():
+    for manager in instance_managers(model):
         register_manager(new, manager)
     return new
-
-
-def register_manager(model: scvi.model.SCVI, manager: AnnDataManager) -> None:
-    """Register ``manager`` for ``model`` in scvi-tools' per-class, per-process stores."""
-    type(model)._setup_adata_manager_store.setdefault(manager.adata_uuid, manager)
-    model._register_manager_for_instance(manager)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scvi
-from scvi.model._utils import get_max_epochs_heuristic
 
+from scvi_unlearn._compat import max_epochs_heuristic
 from scvi_unlearn._configurations import check_supported_model, check_supported_saved
 from scvi_unlearn._io import read_h5ad_checked, read_json_checked
 from scvi_unlearn._recipe import register_model_class
@@ -49,7 +49,7 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
     def train(self, max_epochs: int | None = None, **kwargs):
         """Train the model (see :meth:`scvi.model.SCVI.train`) and record the arguments."""
         if max_epochs is None:
-            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+            max_epochs = max_epochs_heuristic(self.adata.n_obs)
         result = super().train(max_epochs=max_epochs, **kwargs)
         recorded = {"max_epochs": int(max_epochs)}
         kwargs = _without_cell_choice(kwargs, len(self.train_indices), self.validation_indices)

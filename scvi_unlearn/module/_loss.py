@@ -14,6 +14,8 @@ from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from torch.distributions import Distribution, kl_divergence
 
+from scvi_unlearn import _compat as compat
+
 #: Scalar per-cell features, in the order the attacks use them.
 SCALAR_FEATURES: tuple[str, ...] = (
     "reconstruction_nll",
@@ -99,7 +101,7 @@ def per_cell_loss_terms_and_likelihood(
     module: torch.nn.Module, tensors: dict[str, torch.Tensor], sparse_likelihood: bool = False
 ) -> tuple[dict, Distribution]:
     """:func:`per_cell_loss_terms` and the count likelihood ``p(x | z)`` it evaluated."""
-    inference_inputs = module._get_inference_input(tensors)
+    inference_inputs = compat.inference_inputs(module, tensors)
     inference_outputs = dict(module.inference(**inference_inputs))
     qz = inference_outputs["qz"]
     # Posterior mean instead of a sample: deterministic features and lower-variance gradients.
@@ -109,7 +111,7 @@ def per_cell_loss_terms_and_likelihood(
         # Without the observed library size scVI samples the log library from q(l | x); its
         # posterior mean keeps the features deterministic for every library-size setting.
         inference_outputs["library"] = ql.loc
-    generative_inputs = module._get_generative_input(tensors, inference_outputs)
+    generative_inputs = compat.generative_inputs(module, tensors, inference_outputs)
     generative_outputs = module.generative(**generative_inputs)
     x = tensors[REGISTRY_KEYS.X_KEY]
     px = generative_outputs["px"]
