@@ -7,10 +7,12 @@ a module's inference and generative inputs. Private names can move or change in 
 no other module of the package touches them: each is wrapped here, with the package's own name
 and signature, and ``tests/test_architecture.py`` fails if any other module imports a private
 scvi-tools module or name, or calls one of these private methods. When a release moves one, the
-fix (a version-dependent branch) goes here only.
+fix (a version-dependent branch) goes here only. The one difference of the stack below it that
+the package meets, anndata 0.13 listing ``X`` among the layers, is handled here too.
 
-Tested with scvi-tools 1.4.2 (Python 3.11) and 1.5.1 (Python 3.12): every private name below
-is the same in both (``tests/test_compat.py`` runs each wrapper on a trained model).
+Tested with scvi-tools 1.4.2 (Python 3.11, anndata 0.12) and 1.5.1 (Python 3.12, anndata
+0.13): every private name below is the same in both (``tests/test_compat.py`` runs each wrapper
+on a trained model).
 """
 
 from __future__ import annotations
@@ -137,6 +139,21 @@ def validate_anndata(model: scvi.model.base.BaseModelClass, adata: AnnData) -> A
     return model._validate_anndata(adata)
 
 
+def named_layers(adata: AnnData) -> dict[str, Any]:
+    """``adata``'s layers by name, without ``X``.
+
+    anndata 0.13 lists ``X`` among the layers, under the key ``None``; passed back to
+    ``AnnData(X=..., layers=...)`` it is refused (a backed ``X`` never compares identical) or
+    stored twice. Earlier releases have no such key, so this is their ``dict(adata.layers)``.
+
+    Parameters
+    ----------
+    adata
+        Any AnnData (or a view of one).
+    """
+    return {key: adata.layers[key] for key in adata.layers if key is not None}
+
+
 # -- AnnData managers -----------------------------------------------------------------------------
 def instance_managers(model: scvi.model.base.BaseModelClass) -> list[AnnDataManager]:
     """The AnnData managers scvi-tools registered for this model instance.
@@ -206,6 +223,7 @@ __all__ = [
     "instance_managers",
     "make_data_loader",
     "max_epochs_heuristic",
+    "named_layers",
     "register_manager",
     "validate_anndata",
     "validate_data_split",

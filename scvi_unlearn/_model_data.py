@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scvi_unlearn._compat import validate_anndata
+from scvi_unlearn._compat import named_layers, validate_anndata
 from scvi_unlearn._validation import check_genes_match
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def registered_adata(model: SCVI, adata: AnnData | None) -> AnnData:
         X=adata.X,
         obs=adata.obs.copy(),
         var=adata.var.copy(),
-        layers={key: adata.layers[key] for key in adata.layers},
+        layers=named_layers(adata),
         obsm={key: adata.obsm[key] for key in adata.obsm},
     )
     scvi_logger = logging.getLogger("scvi")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import anndata
 import numpy as np
 import pytest
 import scvi
@@ -78,6 +79,19 @@ def test_validate_anndata_registers_a_copy_with_the_models_setup(trained):
     assert manager.registry["setup_args"] == trained.adata_manager.registry["setup_args"]
     batches = list(compat.make_data_loader(trained, validated, indices=[0, 1], batch_size=2))
     assert batches[0]["batch"].flatten().tolist() == [1.0, 0.0]  # "b", "a": the model's codes
+
+
+def test_named_layers_leave_out_x_and_rebuild_a_backed_anndata(tmp_path):
+    """anndata 0.13 lists X among the layers (key None); rebuilding from them must still work."""
+    adata = su.data.synthetic_pbmc(n_cells=30, n_genes=40, seed=0)
+    adata.layers["counts"] = adata.X.copy()
+    assert list(compat.named_layers(adata)) == ["counts"]
+    assert list(compat.named_layers(adata[:5])) == ["counts"]  # a view too
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    rebuilt = anndata.AnnData(X=backed.X, obs=backed.obs, layers=compat.named_layers(backed))
+    assert compat.named_layers(rebuilt).keys() == {"counts"}
+    backed.file.close()
 
 
 def test_instance_managers_and_register_manager_let_a_copy_find_its_data(trained):

@@ -27,6 +27,7 @@ import scvi
 import torch
 from anndata import AnnData
 
+from scvi_unlearn._compat import named_layers
 from scvi_unlearn._recipe import Recipe, resolve_model_class
 from scvi_unlearn._utils import to_jsonable
 from scvi_unlearn._validation import check_count_data
@@ -503,7 +504,7 @@ def _copy_rows(adata: AnnData, rows: np.ndarray) -> AnnData:
         X=view.X.copy(),
         obs=view.obs.copy(),
         var=view.var.copy(),
-        layers={k: v.copy() for k, v in view.layers.items()},
+        layers={k: v.copy() for k, v in named_layers(view).items()},
         obsm={k: v.copy() for k, v in view.obsm.items()},
     )
 
