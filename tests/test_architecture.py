@@ -142,7 +142,7 @@ def test_function_local_imports_are_only_heavy_optional_dependencies():
 COMPAT = PACKAGE / "_compat.py"
 #: Files (relative to the repository) whose private uses are still to be switched to
 #: ``_compat``; each entry must still have one (the test says when to drop it).
-PRIVATE_SCVI_PENDING = {"scvi_unlearn/train/_epochs.py"}
+PRIVATE_SCVI_PENDING: set[str] = set()
 #: Private methods and attributes of scvi-tools models and modules that ``_compat`` wraps.
 PRIVATE_SCVI_ATTRIBUTES = re.compile(
     r"\._(make_data_loader|validate_anndata|per_instance_manager_store|setup_adata_manager_store"

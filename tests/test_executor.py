@@ -256,7 +256,7 @@ def test_retrain_models_on_a_process_pool_equal_sequential_retrains(tiny):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     first, second = (m.module.state_dict() for m in sequential)
     assert not all(torch.equal(first[k], second[k]) for k in first)  # seeds differ
-    with pytest.raises(ValueError, match="exact method"):
+    with pytest.raises(ValueError, match="exact retraining method"):
         su.model.retrain_models(model, forget, [0], method="fisher")
     with pytest.raises(ValueError, match="Seeds repeat"):
         su.model.retrain_models(model, forget, [0, 0])

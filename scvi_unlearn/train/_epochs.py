@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from scvi.model._utils import get_max_epochs_heuristic
-
+from scvi_unlearn._compat import max_epochs_heuristic
 from scvi_unlearn._recipe import Recipe
 
 #: Fewest forget and fewest non-member validation cells on which an approximate method may
@@ -88,4 +87,4 @@ class FineTuneEpochs:
 def recipe_epochs(model: Any) -> int:
     """The epochs the model was trained for (recorded), else scvi-tools' heuristic."""
     recorded = Recipe.from_model(model).train_kwargs.get("max_epochs")
-    return int(recorded or get_max_epochs_heuristic(len(model.train_indices)))
+    return int(recorded or max_epochs_heuristic(len(model.train_indices)))
