@@ -13,11 +13,15 @@ from scvi_unlearn.train._common import (
     Tensors,
     UnlearningTrainingPlan,
     eval_mode,
-    gather_tensors,
     iter_chunks,
 )
 from scvi_unlearn.train._epochs import FixedEpochs
-from scvi_unlearn.train._method import TRAINING_PARAMS, PlanMethod, UnlearningRun, register_method
+from scvi_unlearn.train._method import (
+    TRAINING_PARAMS,
+    ForgetPlanMethod,
+    PlanMethod,
+    register_method,
+)
 from scvi_unlearn.train._params import Param
 
 
@@ -164,7 +168,7 @@ class Finetune(PlanMethod):
 
 
 @register_method
-class GradientAscent(PlanMethod):
+class GradientAscent(ForgetPlanMethod):
     """Gradient ascent on the forget cells' loss, then fine-tuning on the retained cells."""
 
     name = "gradient_ascent"
@@ -177,13 +181,9 @@ class GradientAscent(PlanMethod):
     }
     epochs = FixedEpochs(20)
 
-    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
-        """The forget cells' tensors."""
-        return {"forget_tensors": gather_tensors(run.model, run.forget)}
-
 
 @register_method
-class Scrub(PlanMethod):
+class Scrub(ForgetPlanMethod):
     """SCRUB: a student that moves away from the teacher on forget cells, towards it elsewhere."""
 
     name = "scrub"
@@ -197,7 +197,3 @@ class Scrub(PlanMethod):
         "forget_batch_size": Param(kind="int", low=1),
     }
     epochs = FixedEpochs(20)
-
-    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
-        """The forget cells' tensors."""
-        return {"forget_tensors": gather_tensors(run.model, run.forget)}

@@ -16,9 +16,13 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from scvi_unlearn._compat import inference_inputs
-from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode, gather_tensors
+from scvi_unlearn.train._common import Tensors, UnlearningTrainingPlan, eval_mode
 from scvi_unlearn.train._epochs import FixedEpochs
-from scvi_unlearn.train._method import TRAINING_PARAMS, PlanMethod, UnlearningRun, register_method
+from scvi_unlearn.train._method import (
+    TRAINING_PARAMS,
+    ForgetPlanMethod,
+    register_method,
+)
 from scvi_unlearn.train._params import Param
 
 
@@ -86,7 +90,7 @@ class ContrastiveLatentPlan(UnlearningTrainingPlan):
 
 
 @register_method
-class Contrastive(PlanMethod):
+class Contrastive(ForgetPlanMethod):
     """Encoder only: the forget cells' posteriors pulled to the prior, retained ones anchored."""
 
     name = "contrastive"
@@ -101,7 +105,3 @@ class Contrastive(PlanMethod):
         "forget_batch_size": Param(kind="int", low=1),
     }
     epochs = FixedEpochs(10)
-
-    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
-        """The forget cells' tensors."""
-        return {"forget_tensors": gather_tensors(run.model, run.forget)}

@@ -21,6 +21,7 @@ import numpy as np
 
 from scvi_unlearn.data import validation_split
 from scvi_unlearn.train._common import (
+    gather_tensors,
     logged_history,
     make_data_splitter,
     run_plan,
@@ -431,3 +432,11 @@ class PlanMethod(UnlearningMethod):
         plan = self.plan(run.model.module, **arguments)
         runner = run.fit(plan, run.retain)
         return with_history(self.summary(plan), runner)
+
+
+class ForgetPlanMethod(PlanMethod):
+    """A :class:`PlanMethod` whose plan takes the forget cells' tensors (and nothing else)."""
+
+    def plan_inputs(self, run: UnlearningRun) -> dict[str, Any]:
+        """The forget cells' tensors."""
+        return {"forget_tensors": gather_tensors(run.model, run.forget)}
