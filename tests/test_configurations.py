@@ -33,7 +33,7 @@ from scvi_unlearn.model import _scvi as scvi_module
 EPOCHS = 2
 #: Every method but the two that run full schedules (``auto`` and ``retrain`` train whole
 #: models; ``retrain_fast`` stands for them here).
-MATRIX_METHODS = [m for m in su.train.METHODS if m not in ("auto", "retrain")]
+MATRIX_METHODS = [m for m in su.train.any_model_methods() if m not in ("auto", "retrain")]
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
 
 

@@ -307,11 +307,9 @@ _PLANS = {
 }
 
 
-# Every method that trains on a run (the donor removals act on a deletion-ready design and have
-# their own tests in test_deletion_ready.py).
-@pytest.mark.parametrize(
-    "method", [n for n, m in METHODS.items() if not isinstance(m, su.model.DonorRemoval)]
-)
+# Every method that acts on any trained model (the donor removals act on a deletion-ready
+# design and have their own tests in test_deletion_ready.py).
+@pytest.mark.parametrize("method", su.train.any_model_methods())
 def test_every_method_trains_under_lightning_without_touching_adata(
     setting, method, reference_dir
 ):

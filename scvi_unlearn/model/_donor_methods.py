@@ -29,6 +29,7 @@ class DonorRemoval(UnlearningMethod):
     """An exact removal on a deletion-ready model's donor columns."""
 
     exact = True
+    needs_deletion_ready = True
     epochs = FixedEpochs(0)
 
     def donors(self, model, forget: np.ndarray, train: np.ndarray) -> list[str]:
@@ -70,8 +71,7 @@ class RefitDonors(DonorRemoval):
 
     name = "refit_donors"
     description = (
-        "each withdrawable donor the request touches fitted again alone on its other "
-        "cells (deletion-ready models only)"
+        "each withdrawable donor the request touches fitted again alone on its other cells"
     )
 
     def donors(self, model, forget, train) -> list[str]:

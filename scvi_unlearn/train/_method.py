@@ -176,6 +176,8 @@ class UnlearningMethod:
         Whether its result never depends on the forget cells (a retrain).
     needs_nonmembers
         Whether it needs same-population cells the model never saw.
+    needs_deletion_ready
+        Whether it acts only on a deletion-ready model (one trained with withdrawable donors).
     """
 
     name: ClassVar[str]
@@ -185,6 +187,7 @@ class UnlearningMethod:
     epochs: ClassVar[EpochRule] = FixedEpochs(0)
     exact: ClassVar[bool] = False
     needs_nonmembers: ClassVar[bool] = False
+    needs_deletion_ready: ClassVar[bool] = False
 
     def __init__(self) -> None:
         # Resolved once, at registration: a declaration bug fails on import, not in a run.
@@ -276,6 +279,11 @@ def method_names() -> list[str]:
     return sorted(METHODS, key=lambda name: not METHODS[name].exact)
 
 
+def any_model_methods() -> list[str]:
+    """Names of the methods that act on any trained model (not only deletion-ready ones)."""
+    return [name for name in method_names() if not METHODS[name].needs_deletion_ready]
+
+
 def method_table(style: str = "markdown", indent: str = "") -> str:
     """The registered methods as a Markdown table or an reST list (docs and help read it)."""
     rows = []
@@ -284,6 +292,8 @@ def method_table(style: str = "markdown", indent: str = "") -> str:
         kind = "exact" if m.exact else "approximate"
         if m.needs_nonmembers:
             kind += ", needs non-members"
+        if m.needs_deletion_ready:
+            kind += ", deletion-ready models only"
         if style == "rst":
             rows.append(f"{indent}- ``{name}`` ({kind}; epochs: {m.epochs.describe()}): "
                         f"{m.description}.")  # fmt: skip
