@@ -38,13 +38,28 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+# _generated/ holds tables that other pages include; they are not pages of their own.
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = "scvi-unlearn"
 html_theme_options = {"show_toc_level": 2}
 # No intersphinx: CI builds without network access. References to scvi-tools, torch and
-# Lightning objects stay plain text instead of links.
-nitpicky = False
+# Lightning objects stay plain text instead of links. Every reference to this package's own
+# objects must resolve (nitpicky, with -W in CI); those to other packages cannot offline, so
+# they alone are let through.
+nitpicky = True
+_EXTERNAL = (
+    "torch", "numpy", "np", "pandas", "pd", "scvi", "anndata", "ad", "scanpy", "sc", "lightning",
+    "matplotlib", "mpl", "plt", "scipy", "collections", "pathlib", "os", "typing", "opacus", "ray",
+)  # fmt: skip
+nitpick_ignore_regex = [
+    ("py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),
+    # Bare names of other packages' classes, as type hints spell them.
+    ("py:.*", r"AnnData|Axes|Path|Figure|Tensor|Module|Generator|DataFrame|Series|Index"),
+]
+# The package's own type aliases, as signatures spell them (``IndexLike``: positions, names or a
+# mask of cells; ``Tensors``: a dict of named tensors); they are not classes to link to.
+nitpick_ignore = [("py:class", "IndexLike"), ("py:class", "Tensors")]
 # Nothing is suppressed: the build passes with -W as is.
 suppress_warnings: list[str] = []
 
@@ -101,5 +116,39 @@ def _write_configurations() -> None:
     (target / "configurations.md").write_text(configurations_table())
 
 
+def _role(text: str) -> str:
+    """reST roles of a docstring (``:class:`x```) in MyST's spelling (``{class}`x```)."""
+    import re
+
+    return re.sub(r":(\w+):`", r"{\1}`", text)
+
+
+def _write_methods() -> None:
+    """The unlearning methods and their hyper-parameters, from the method registry."""
+    from scvi_unlearn.train import METHODS, method_names, method_table
+    from scvi_unlearn.train._method import plan_parameter_docs
+
+    parts = [method_table("markdown"), ""]
+    for name in method_names():
+        method = METHODS[name]
+        cls = type(method)
+        parts += [f"### `{name}`", "", f"Class `{cls.__name__}` in `{cls.__module__}`"
+                  f" ({_role(method.description)}).", ""]  # fmt: skip
+        if not method.params:
+            parts += ["No hyper-parameters.", ""]
+            continue
+        from_plan = plan_parameter_docs(method.plan)
+        parts += ["| hyper-parameter | type | default | range | meaning |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for key, param in method.params.items():
+            text = _role(param.doc or from_plan.get(key) or "").replace("|", "\\|")
+            parts.append(f"| `{key}` | {param.kind} | `{param.default!r}` | "
+                         f"{param.range_text()} | {text} |")  # fmt: skip
+        parts.append("")
+    (HERE / "_generated").mkdir(exist_ok=True)
+    (HERE / "_generated" / "methods.md").write_text("\n".join(parts))
+
+
 _copy_tutorials()
 _write_configurations()
+_write_methods()

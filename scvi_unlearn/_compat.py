@@ -117,7 +117,7 @@ def make_data_loader(
     model
         A set-up scvi-tools model.
     adata
-        An AnnData registered with the model (see :func:`validate_anndata`).
+        An AnnData registered with the model (see ``validate_anndata``).
     indices
         Cell positions (default: all cells).
     batch_size

@@ -94,7 +94,7 @@ def _likelihood_dispersion_grid() -> list[Configuration]:
 
 
 #: Configurations that go through loading from a lab's directory, the audit, every unlearning
-#: method, save and load (``tests/test_configurations.py``).
+#: method, save and load (``tests/model/test_configurations.py``).
 SUPPORTED_CONFIGURATIONS: dict[str, Configuration] = {
     c.name: c
     for c in (
@@ -222,7 +222,9 @@ REFUSED_CONFIGURATIONS: dict[str, str] = {
 
 
 class UnsupportedModelError(TypeError, ValueError):
-    """A model class or configuration the package refuses (see :data:`REFUSED_CONFIGURATIONS`).
+    """A model class or configuration the package refuses.
+
+    See :data:`~scvi_unlearn.model.REFUSED_CONFIGURATIONS`.
 
     Both a ``TypeError`` (the wrong kind of model) and a ``ValueError`` (a saved directory with
     the wrong content), so either ``except`` catches it.
@@ -241,7 +243,7 @@ def _class_refusal(name: str, where: str = "") -> str:
 def check_supported_class_name(name: str, where: str = "") -> None:
     """Raise :class:`UnsupportedModelError` unless ``name`` is a model class the package trains.
 
-    ``"SCVI"`` and the classes registered with :func:`scvi_unlearn._recipe.register_model_class`
+    ``"SCVI"`` and the classes registered with ``scvi_unlearn._recipe.register_model_class``
     that subclass ``scvi.model.SCVI`` pass.
 
     Parameters

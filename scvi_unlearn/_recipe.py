@@ -24,7 +24,7 @@ from scvi_unlearn._validation import as_cell_indices
 if TYPE_CHECKING:
     from anndata import AnnData
 
-#: Model classes a recipe can train, by name; :func:`register_model_class` fills it.
+#: Model classes a recipe can train, by name; ``register_model_class`` fills it.
 MODEL_CLASSES: dict[str, type] = {}
 
 
@@ -80,7 +80,7 @@ class Recipe:
         ``plan_kwargs``, ...).
     model_class
         Name of the model class to train: a class registered with
-        :func:`register_model_class` (``"SCVI"`` is :class:`scvi_unlearn.model.SCVI`) or one of
+        ``register_model_class`` (``"SCVI"`` is :class:`scvi_unlearn.model.SCVI`) or one of
         ``scvi.model``.
 
     Examples

@@ -116,7 +116,7 @@ def reference_band(
 ) -> tuple[float, float]:
     """The AUCs expected from models that never trained on the audited cells.
 
-    With :data:`MIN_MODELS_FOR_SPREAD` or more reference models (e.g. retrain seeds):
+    With ``MIN_MODELS_FOR_SPREAD`` or more reference models (e.g. retrain seeds):
     ``mean +- 2 * sqrt(SD^2 + mean(SE^2))`` of their AUCs, the SD over models and the SE each
     AUC's sampling error on these cells (from its 95% CI, ``(high - low) / 3.92``; zero when no
     CIs are given). Folding in the SE keeps a band from collapsing to a point when a few models

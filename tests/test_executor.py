@@ -195,6 +195,7 @@ def ray_executor():
     assert not ray.is_initialized()
 
 
+@pytest.mark.ray
 def test_ray_gives_bit_identical_shadows_and_cache(tiny, sequential_pool, ray_executor, tmp_path):
     reference, reference_dir = sequential_pool
     pool = _pool(tiny, tmp_path, ray_executor)
@@ -202,6 +203,7 @@ def test_ray_gives_bit_identical_shadows_and_cache(tiny, sequential_pool, ray_ex
     assert _cache_files(tmp_path) == _cache_files(reference_dir)
 
 
+@pytest.mark.ray
 def test_ray_retries_a_task_that_raised(tiny, ray_executor, tmp_path):
     adata, recipe = tiny
     shared = {
@@ -214,6 +216,7 @@ def test_ray_retries_a_task_that_raised(tiny, ray_executor, tmp_path):
     assert result["features"].shape == (adata.n_obs, len(su.module.SCALAR_FEATURES))
 
 
+@pytest.mark.ray
 def test_unreachable_ray_address_is_a_clear_error():
     ex = su.Executor(backend="ray", address="127.0.0.1:1", progress_bar=False)
     with pytest.raises(ConnectionError, match="ray start --head"):

@@ -66,7 +66,8 @@ def write_certificate(report, path: str | Path, title: str | None = None) -> Pat
 
     Returns
     -------
-    The path written.
+    pathlib.Path
+        The path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

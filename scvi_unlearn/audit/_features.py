@@ -49,8 +49,9 @@ def attack_features(
 
     Returns
     -------
-    DataFrame indexed by obs name with the columns of :data:`SCALAR_FEATURES` (plus latent
-    columns if requested). Two calls give identical values.
+    DataFrame indexed by obs name with the columns of
+    :data:`~scvi_unlearn.module.SCALAR_FEATURES` (plus latent columns if requested). Two calls
+    give identical values.
 
     Raises
     ------

@@ -41,7 +41,7 @@ def group_codes(adata, key: str, pool: np.ndarray, min_cells: int) -> tuple[np.n
     """Integer group code of each pool cell, and the group names; clear errors on bad groups.
 
     Raises if ``key`` is not an ``obs`` column, if pool cells lack a group, if there are fewer
-    than :data:`MIN_GROUPS` groups, or if a group has fewer than ``min_cells`` cells.
+    than ``MIN_GROUPS`` groups, or if a group has fewer than ``min_cells`` cells.
     """
     if not isinstance(key, str) or key not in adata.obs.columns:
         raise ValueError(
@@ -170,14 +170,14 @@ class GroupAuditReport:
     group_key
         The ``obs`` column the groups come from (e.g. ``"sample_id"``).
     table
-        One row per group (see :func:`group_test`), with its number of cells and, where the
-        audited model's training set is known, whether it was a member.
+        One row per group (see :func:`~scvi_unlearn.audit.group_test`), with its number of
+        cells and, where the audited model's training set is known, whether it was a member.
     auc, auc_ci
         Group-level ROC AUC of the offline statistic ``t`` (members vs non-member groups) and
         its bootstrap 95% CI; NaN without at least 2 groups of each kind.
     metadata
         Sizes, seeds, shadows, and the AUC's exact Mann-Whitney p-value, the smallest p-value
-        these group counts allow, detectable AUC and verdict (:func:`group_auc`).
+        these group counts allow, detectable AUC and verdict (``group_auc``).
     """
 
     group_key: str

@@ -87,8 +87,8 @@ class MembershipInference:
     recipe
         A trained scVI model whose recipe the shadows copy, or a :class:`~scvi_unlearn.Recipe`.
     n_shadows
-        Number of shadow models (even); :data:`DEFAULT_N_SHADOWS` by default. LiRA's power
-        grows with more (Carlini et al. report gains up to ~64).
+        Number of shadow models (even); :data:`~scvi_unlearn.audit.DEFAULT_N_SHADOWS` by
+        default. LiRA's power grows with more (Carlini et al. report gains up to ~64).
     pool
         Cells the shadows may train on (positions, mask or obs names); all cells by default.
         Audited cells outside the pool are OUT for every shadow (online LiRA skips them).
@@ -373,7 +373,7 @@ class MembershipInference:
 
         Returns
         -------
-        :class:`~scvi_unlearn.audit.GroupAuditReport`
+        :class:`~scvi_unlearn.GroupAuditReport`
         """
         if self.group_key is None:
             raise ValueError(

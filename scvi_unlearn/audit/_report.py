@@ -99,7 +99,7 @@ class AttackResult:
 
     @property
     def excess(self) -> float:
-        """How far the AUC's lower CI bound lies above the reference band (negative: inside)."""
+        """How far the AUC's lower CI bound lies above the reference band; negative inside it."""
         high = self.reference_band[1]
         return float(self.auc_ci[0] - (0.5 if np.isnan(high) else high))
 
@@ -162,7 +162,7 @@ class AuditReport:
     Attributes
     ----------
     results
-        One :class:`AttackResult` per attack.
+        One :class:`~scvi_unlearn.audit.AttackResult` per attack.
     metadata
         Numbers of cells and shadows, recipe, seed, timings, warnings.
     """

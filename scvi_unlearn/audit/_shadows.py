@@ -173,7 +173,7 @@ class ShadowPool:
 
     @classmethod
     def load(cls, path: Path, legacy: bool = False) -> ShadowPool | None:
-        """The pool saved at ``path``; ``None`` if it is damaged (see :func:`_read_entry`)."""
+        """The pool saved at ``path``; ``None`` if it is damaged (see ``_read_entry``)."""
         f = _read_entry(Path(path), _POOL_KEYS, legacy=legacy)
         if f is None:
             return None
@@ -243,8 +243,8 @@ def train_shadow_pool(
     Each shadow is cached as soon as it is done, so an interrupted run resumes. With
     ``groups`` (an integer code per pool cell, e.g. the donor), whole groups are IN or OUT:
     every group is IN for exactly half the shadows, and so are its cells, and every shadow
-    trains on half of the groups (:func:`paired_membership`); with ``groups_out``, every
-    shadow trains on all groups but ``groups_out`` (:func:`leave_out_membership`).
+    trains on half of the groups (``paired_membership``); with ``groups_out``, every
+    shadow trains on all groups but ``groups_out`` (``leave_out_membership``).
 
     The fits run on ``executor`` (default: :func:`~scvi_unlearn.get_default_executor`,
     sequential in this process): a local process pool or Ray give the same models for the same
@@ -395,7 +395,7 @@ def fit_shadow(shared: dict, cells: np.ndarray, seed: int, keep_model: bool) -> 
 def _atomic_savez(path: Path, **arrays) -> None:
     """``np.savez_compressed`` to a temporary name, then rename (never half a file).
 
-    The file carries a SHA-256 of its arrays (``checksum``), which :func:`_read_entry` checks.
+    The file carries a SHA-256 of its arrays (``checksum``), which ``_read_entry`` checks.
     """
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {k: np.asarray(v) for k, v in arrays.items()}

@@ -217,8 +217,8 @@ def pbmc3k(
     cache_dir
         Folder of cached data (default: ``$SCVI_UNLEARN_DATA_DIR``, else
         ``~/.cache/scvi_unlearn``), searched for ``pbmc3k.h5ad``. When absent, the 10x matrices
-        (:data:`PBMC3K_COUNTS_URL`) and scanpy's processed pbmc3k labels
-        (:data:`PBMC3K_LABELS_URL`, joined on barcodes) are downloaded and cached there.
+        (``PBMC3K_COUNTS_URL``) and scanpy's processed pbmc3k labels
+        (``PBMC3K_LABELS_URL``, joined on barcodes) are downloaded and cached there.
     qc_only
         Keep only the cells that passed the Seurat-tutorial QC (obs ``passed_seurat_qc``,
         2,638 cells); with ``False`` all 2,700 cells are returned (``cell_type`` is NaN for
@@ -324,7 +324,7 @@ def kang2018(
         Folder of cached data (default: ``$SCVI_UNLEARN_DATA_DIR``, else
         ``~/.cache/scvi_unlearn``), searched for ``kang2018.h5ad`` then
         ``kang2018_pbmc12k.h5ad``. When absent, the processed AnnData that
-        ``pertpy.data.kang_2018()`` uses (:data:`KANG2018_URL`; control and IFN-beta
+        ``pertpy.data.kang_2018()`` uses (``KANG2018_URL``; control and IFN-beta
         stimulated cells) is downloaded and cached as ``kang2018.h5ad``.
 
     Returns

@@ -103,9 +103,13 @@ class GatedSearch:
     methods
         The registry the candidates and the fallback come from.
     gate
-        Judges the run's model on development cells (see :data:`Gate`).
+        ``gate(run, pool, forget_cells, nonmember_cells, n_bootstrap)`` judges the run's model
+        on development cells and returns an attack result with ``auc``, ``auc_ci``,
+        ``reference_band``, ``detectable_auc`` and ``verdict`` (default :func:`lira_gate`).
     utility
-        The held-out utility (see :data:`Utility`).
+        ``utility(run)`` returns the held-out utility, built before any attempt changes the
+        weights: ``reference`` (the trained model's neg. ELBO, or ``None``), ``of(module)``
+        and ``n_cells``.
     reference_pool
         ``reference_pool(run, keep_models)`` -> (pool, record): the gate's reference models.
     """
@@ -330,7 +334,14 @@ class GatedSearch:
 
 @register_method
 class Auto(UnlearningMethod):
-    """Audit-gated search: approximate candidates, each gated, with an exact fallback."""
+    """Audit-gated search: approximate candidates, each gated, with an exact fallback.
+
+    Parameters
+    ----------
+    search
+        The :class:`GatedSearch` to run; ``None``: the default gate and utility. Pass an
+        instance to ``unlearn(method=...)`` to use another gate or utility.
+    """
 
     name = "auto"
     description = (
@@ -362,9 +373,14 @@ class Auto(UnlearningMethod):
         **REFERENCE_PARAMS,
     }  # fmt: skip
 
+    def __init__(self, search: GatedSearch | None = None) -> None:
+        super().__init__()
+        #: The search it runs (the default gate and utility unless one is given).
+        self.search = GatedSearch() if search is None else search
+
     def run(self, run: UnlearningRun) -> MethodResult:
-        """The gated search with the default gate and utility."""
-        return GatedSearch().search(run)
+        """The gated search."""
+        return self.search.search(run)
 
 
 def parse_candidates(text: str, registry: Mapping[str, UnlearningMethod]) -> list[str]:

@@ -33,7 +33,8 @@ def write_unlearning_certificate(
 
     Returns
     -------
-    The path written.
+    pathlib.Path
+        The path written.
 
     Raises
     ------

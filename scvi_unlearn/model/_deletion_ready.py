@@ -105,8 +105,9 @@ def train_deletion_ready(
         Donors that are never withdrawn; their cells train the shared weights. At least one,
         and at least one donor must remain withdrawable.
     model_kwargs
-        :class:`scvi.model.SCVI` options; default :data:`DELETION_READY_MODEL_KWARGS`
-        (scArches' layer-norm architecture), updated with what is passed.
+        :class:`scvi.model.SCVI` options; default
+        :data:`~scvi_unlearn.model.DELETION_READY_MODEL_KWARGS` (scArches' layer-norm
+        architecture), updated with what is passed.
         ``use_observed_lib_size=False`` and ``dispersion="gene-batch"`` are refused.
     train_kwargs
         Arguments of the base's :meth:`~scvi_unlearn.model.SCVI.train` (``max_epochs``,

@@ -37,16 +37,23 @@ from scvi_unlearn.model._unlearn import (
     without_cell_names,
 )
 from scvi_unlearn.model._verify import exact_record_inputs, reproduce_record
-from scvi_unlearn.train import HeldOutUtility, UnlearningRun, get_method, method_table, state_copy
+from scvi_unlearn.train import (
+    HeldOutUtility,
+    UnlearningMethod,
+    UnlearningRun,
+    get_method,
+    method_table,
+    state_copy,
+)
 
 
 class UnlearningMixin:
-    """Adds :meth:`unlearn` to an scvi-tools model class (see :class:`scvi_unlearn.model.SCVI`)."""
+    """Adds ``unlearn()`` to an scvi-tools model class (see :class:`scvi_unlearn.model.SCVI`)."""
 
     def unlearn(
         self,
         forget_idx: IndexLike,
-        method: str | None = None,
+        method: str | UnlearningMethod | None = None,
         nonmembers: IndexLike | None = None,
         inplace: bool = False,
         seed: int = 0,
@@ -81,6 +88,9 @@ class UnlearningMixin:
             hyper-parameters are on :ref:`the API page <api-methods>`):
 
             {method_table}
+
+            An :class:`~scvi_unlearn.train.UnlearningMethod` instance runs as given (e.g.
+            ``su.model.Auto(search=su.model.GatedSearch(gate=my_gate))``).
         nonmembers
             Cells of the same population the model never trained on (positions, mask or obs
             names of ``self.adata``), for the adversarial methods and ``audit=True``. If

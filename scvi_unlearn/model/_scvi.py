@@ -43,7 +43,8 @@ class SCVI(UnlearningMixin, scvi.model.SCVI):
     - :meth:`load` reads model files without executing arbitrary pickled code, including
       directories written by plain ``scvi.model.SCVI``;
     - :meth:`from_scvi` wraps an in-memory plain model;
-    - :meth:`unlearn` (from :class:`~scvi_unlearn.model.UnlearningMixin`).
+    - :meth:`~scvi_unlearn.model.UnlearningMixin.unlearn` (from
+      :class:`~scvi_unlearn.model.UnlearningMixin`).
     """
 
     def train(self, max_epochs: int | None = None, **kwargs):

@@ -137,7 +137,7 @@ def feature_matrix(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """Stack :func:`per_cell_loss_terms` output into the scalar features, differentiably.
 
     Returns a ``(n_cells, len(SCALAR_FEATURES))`` tensor whose columns follow
-    :data:`SCALAR_FEATURES`. Critics inside unlearning plans consume this.
+    :data:`~scvi_unlearn.module.SCALAR_FEATURES`. Critics inside unlearning plans consume this.
     """
     library = terms["library"].clamp_min(1.0)
     qz_var = terms["qz_var"].clamp_min(1e-12)

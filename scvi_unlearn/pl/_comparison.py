@@ -67,7 +67,8 @@ def method_comparison(
         Column with the method names.
     low_col, high_col
         Columns of the lower / upper CI bound; default ``f"{metric}_low"`` and
-        ``f"{metric}_high"`` when present (the names of :meth:`AuditReport.to_frame`).
+        ``f"{metric}_high"`` when present (the names of
+        :meth:`~scvi_unlearn.AuditReport.to_frame`).
     band
         ``(low, high)`` of the reference band; computed from the ``reference`` rows if None.
     reference

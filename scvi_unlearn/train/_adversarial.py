@@ -417,7 +417,7 @@ class ExtraGradientUnlearningPlan(_AdversarialUnlearningPlan):
     critic_lr
         Learning rate of the critics' Adam optimizer (default ``10 * lr``).
     **kwargs
-        See :class:`_AdversarialUnlearningPlan` and
+        See ``_AdversarialUnlearningPlan`` and
         :class:`~scvi_unlearn.train.UnlearningTrainingPlan`.
 
     Notes

@@ -50,7 +50,7 @@ def gather_tensors(
         Integer positions in ``adata`` (default: the model's AnnData).
     adata
         An AnnData already registered with the model (see
-        :func:`scvi_unlearn._compat.validate_anndata`).
+        ``scvi_unlearn._compat.validate_anndata``).
     batch_size
         Cells per loader batch; the result does not depend on it.
     """

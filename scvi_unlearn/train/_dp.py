@@ -68,7 +68,7 @@ ACCOUNTANTS = ("rdp", "prv")
 PER_CELL_LOSSES = ("elbo", "posterior_mean")
 #: How :class:`DPTrainingPlan` gets per-cell gradient norms: hooks ("ghost clipping").
 GRAD_SAMPLE_MODES = ("ghost",)
-#: File that :func:`save_privacy` writes beside a saved model.
+#: File that ``save_privacy`` writes beside a saved model.
 PRIVACY_FILE = "dp_privacy.json"
 _INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
 _BATCH_NORMS = (
@@ -385,7 +385,7 @@ class DPTrainingPlan(TrainingPlan):
     grad_sample_mode
         ``"ghost"``, the only mode: each cell's gradient norm from forward hooks and one
         backward of the batch, then one backward of the clip-weighted losses gives the clipped
-        sum (:class:`~scvi_unlearn.train._ghost.GhostClipper`); no per-cell gradient is
+        sum (``GhostClipper`` in ``scvi_unlearn/train/_ghost.py``); no per-cell gradient is
         stored. The tests check it against every cell's own gradient from ``torch.func``.
     record_norms
         Keep every step's per-cell gradient norms before and after clipping
@@ -585,7 +585,7 @@ def train_dp(
     with scvi-tools' :class:`~scvi.train.TrainRunner`, which sets ``is_trained_``,
     ``train_indices``, ``validation_indices``, ``test_indices``, ``history`` and ``trainer``
     as ``model.train`` does. The summary is also stored as ``model.dp_privacy_`` (saved in
-    ``model.pt`` with the other ``*_`` attributes; :func:`save_privacy` writes it as JSON).
+    ``model.pt`` with the other ``*_`` attributes; ``save_privacy`` writes it as JSON).
 
     Parameters
     ----------

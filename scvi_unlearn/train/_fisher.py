@@ -4,7 +4,7 @@ Both start from the diagonal Fisher information of the per-cell loss: the mean o
 each cell's squared gradient, never the square of a minibatch gradient (which mixes cells and
 underestimates the Fisher by the batch size).
 
-Two ways to get it, which agree to float tolerance (``tests/test_train.py``):
+Two ways to get it, which agree to float tolerance (``tests/train/test_plans.py``):
 
 - ``method="hooks"`` (default): no per-sample gradient is materialised. For a linear layer
   ``y = W a + b`` applied once per cell, cell ``i``'s weight gradient is the outer product
@@ -90,7 +90,7 @@ def diagonal_fisher(
 
     ``F_j = mean_i (d loss_i / d theta_j)^2`` over all cells ``i`` of ``batches``, where
     ``loss_i`` is cell ``i``'s negative ELBO at the posterior mean in eval mode (the
-    deterministic loss of :func:`~scvi_unlearn.audit.per_cell_loss_terms`).
+    deterministic loss of :func:`~scvi_unlearn.module.per_cell_loss_terms`).
 
     Parameters
     ----------
@@ -105,7 +105,8 @@ def diagonal_fisher(
 
     Returns
     -------
-    Dict parameter name -> Fisher diagonal (same shape as the parameter).
+    dict[str, torch.Tensor]
+        Each parameter's Fisher diagonal, by parameter name, in the parameter's shape.
     """
     if method not in FISHER_METHODS:
         raise ValueError(f"Unknown Fisher method {method!r}; choose from {FISHER_METHODS}.")

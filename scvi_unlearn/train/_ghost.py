@@ -11,7 +11,7 @@ layer) gets its per-cell gradients from the likelihood's ``theta``, as the hook 
 factors ``c_i`` then gives the clipped sum ``sum_i c_i grad loss_i`` exactly.
 
 This replaces ``torch.func.vmap`` over cells (one gradient copy per cell) by two backward passes
-of the batch; both agree to float tolerance (``tests/test_dp.py`` against the ``vmap``
+of the batch; both agree to float tolerance (``tests/train/test_dp.py`` against the ``vmap``
 reference of ``tests/_vmap_reference.py``).
 
 The identity needs each cell's row to depend on that cell only (no batch norm in training mode,

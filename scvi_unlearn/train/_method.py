@@ -195,15 +195,15 @@ class UnlearningMethod:
 
     # -- configuration ----------------------------------------------------------------------
     def configure(self, given: dict[str, Any]) -> dict[str, Any]:
-        """``given`` checked against :attr:`params`, defaults filled in."""
+        """``given`` checked against ``params``, defaults filled in."""
         return check_hyperparameters(self.name, self.params, given)
 
     def resolve_epochs(self, model, max_epochs: int | None, hyperparameters: dict) -> int:
-        """Epochs of a run of this method on ``model`` (see :attr:`epochs`)."""
+        """Epochs of a run of this method on ``model`` (see ``epochs``)."""
         return self.epochs.resolve(model, max_epochs, hyperparameters, self.name)
 
     def plan_arguments(self, run: UnlearningRun) -> dict[str, Any]:
-        """The run's hyper-parameters that are keywords of :attr:`plan`, and the shared ones."""
+        """The run's hyper-parameters that are keywords of ``plan``, and the shared ones."""
         keywords = _plan_keywords(self.plan)
         hp = run.hyperparameters
         given = {k: v for k, v in hp.items() if k in keywords and k not in RUN_LEVEL}
@@ -262,7 +262,9 @@ def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
 
 
 def get_method(name: Any) -> UnlearningMethod:
-    """The registered method ``name``, or a clear error listing the valid names."""
+    """The registered method ``name`` (an instance is returned as is), or a clear error."""
+    if isinstance(name, UnlearningMethod):
+        return name
     if not isinstance(name, str) or name not in METHODS:
         valid = ", ".join(f"'{m}'" for m in METHODS)
         raise ValueError(f"Unknown unlearning method {name!r}; choose one of {valid}.")
@@ -310,11 +312,61 @@ def _params_doc(method: UnlearningMethod) -> str:
     if not method.params:
         return "\n\nIt takes no hyper-parameters."
     lines = ["", "", "Hyper-parameters", "----------------"]
+    from_plan = plan_parameter_docs(method.plan)
     for name, param in method.params.items():
-        lines.append(f"{name} : {param.kind}, default {param.default!r}")
-        text = param.doc or "see the plan"
-        lines.append(f"    {text}; range {param.range_text()}.")
+        lines.append(f"{name} : {param.kind}")
+        text = param.doc or from_plan.get(name) or "see the plan"
+        lines.append(f"    {text}; default ``{param.default!r}``, range {param.range_text()}.")
     return "\n".join(lines)
+
+
+def plan_parameter_docs(plan_cls: type | None) -> dict[str, str]:
+    """First sentence of each parameter's description in the plan's numpydoc docstrings.
+
+    The plan documents its keywords once; a method that forwards them shows the same words.
+    """
+    docs: dict[str, str] = {}
+    for cls in reversed(plan_cls.__mro__ if plan_cls is not None else ()):
+        if not cls.__module__.startswith("scvi_unlearn") or not cls.__doc__:
+            continue
+        docs.update(_numpydoc_parameters(inspect.cleandoc(cls.__doc__)))
+    return docs
+
+
+def _numpydoc_parameters(doc: str) -> dict[str, str]:
+    lines = doc.splitlines()
+    out: dict[str, str] = {}
+    try:
+        start = next(
+            i for i, ln in enumerate(lines[:-1]) if _is_heading(ln, lines[i + 1], "Parameters")
+        )
+    except StopIteration:
+        return out
+    names: list[str] = []
+    for i in range(start + 2, len(lines)):
+        line = lines[i]
+        if i + 1 < len(lines) and _is_heading(line, lines[i + 1]):
+            break  # the next section
+        if line and not line[0].isspace():
+            names = [n.strip() for n in line.split(":")[0].split(",") if n.strip()]
+            for n in names:
+                out[n] = ""
+        elif line.strip():
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}".strip()
+    return {n: _first_sentence(text) for n, text in out.items() if text and n.isidentifier()}
+
+
+def _is_heading(line: str, underline: str, title: str | None = None) -> bool:
+    """Whether ``line`` over ``underline`` is a numpydoc section heading (``title`` if given)."""
+    text = line.strip()
+    return bool(text) and set(underline.strip()) == {"-"} and title in (None, text)
+
+
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    sentence = text if end < 0 else text[: end + 1]
+    return sentence.rstrip(".")
 
 
 def _plan_keywords(plan_cls: type | None) -> set[str]:
@@ -421,7 +473,7 @@ RETAIN_FRACTION_PARAMS = {
 
 
 class PlanMethod(UnlearningMethod):
-    """A method that builds :attr:`plan` from the run and fits it on the retained cells.
+    """A method that builds its ``plan`` from the run and fits it on the retained cells.
 
     Subclasses give :meth:`plan_inputs` (the tensors and values that are not hyper-parameters)
     and, when the plan reports one, :meth:`summary`.

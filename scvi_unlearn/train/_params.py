@@ -28,7 +28,7 @@ class Param:
     ----------
     default
         Default value; :data:`FROM_PLAN` (the default) reads it from the training plan's
-        signature (see :func:`resolve_plan_defaults`), so no default is written twice.
+        signature (see ``resolve_plan_defaults``), so no default is written twice.
     kind
         ``"int"``, ``"float"``, ``"bool"`` or ``"str"`` (a string or path).
     low, high

@@ -33,6 +33,8 @@ from scvi_unlearn.train._dp import (
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
 LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
 
+pytestmark = pytest.mark.dp  # DP-SGD (opacus for accounting): CI runs it
+
 
 @pytest.fixture(scope="module")
 def adata():

@@ -9,8 +9,6 @@ import pytest
 import scvi
 
 import scvi_unlearn as su
-import scvi_unlearn.model._auto as auto_module
-import scvi_unlearn.train._utility as utility_module
 from scvi_unlearn._verdict import LEAK, NO_EVIDENCE
 
 
@@ -31,10 +29,9 @@ def case():
     return {"model": model, "forget": train[:60], "nonmembers": held}
 
 
-def _fake_gate(monkeypatch, gate):
-    """``method="auto"`` with ``gate`` injected into its search (no private function patched)."""
-    monkeypatch.setattr(auto_module.Auto, "run", lambda self, run: auto_module.GatedSearch(
-        gate=gate).search(run))  # fmt: skip
+def _auto(gate, **search):
+    """``method="auto"`` whose search uses the fake ``gate`` (and ``search``'s other parts)."""
+    return su.model.Auto(search=su.model.GatedSearch(gate=gate, **search))
 
 
 def _gates(*after: str):
@@ -44,6 +41,18 @@ def _gates(*after: str):
     return lambda *a, **k: _FakeGate(next(calls, after[-1]))
 
 
+class _FakeUtility:
+    """Held-out neg. ELBO: ``reference`` for the trained model, then ``values`` in turn."""
+
+    n_cells = 80
+
+    def __init__(self, reference, values):
+        self.reference, self._values = reference, values
+
+    def of(self, module):
+        return next(self._values)
+
+
 class _FakeGate:
     def __init__(self, verdict, detectable=0.7):
         self.verdict = verdict
@@ -51,19 +60,17 @@ class _FakeGate:
         self.reference_band, self.detectable_auc = (0.4, 0.6), detectable
 
 
-def _run(case, tmp_path, **kwargs):
+def _run(case, tmp_path, method, **kwargs):
     kwargs.setdefault("val_fraction", 0.5)  # 30 + 40 development cells
     return case["model"].unlearn(
-        case["forget"], method="auto", nonmembers=case["nonmembers"], accelerator="cpu",
+        case["forget"], method=method, nonmembers=case["nonmembers"], accelerator="cpu",
         enable_progress_bar=False, reference_cache_dir=str(tmp_path), seed=0, **kwargs,
     )  # fmt: skip
 
 
-def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
-    case, tmp_path, monkeypatch
-):
-    _fake_gate(monkeypatch, _gates(LEAK))
-    out = _run(case, tmp_path, candidates="ssd,reset_relearn")
+def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(case, tmp_path):
+    method = _auto(_gates(LEAK))
+    out = _run(case, tmp_path, method, candidates="ssd,reset_relearn")
     metrics = out.provenance["events"][-1]["metrics"]
     attempts = metrics["attempts"]
     assert [a["method"] for a in attempts] == ["ssd", "reset_relearn", "retrain_fast"]
@@ -77,11 +84,9 @@ def test_auto_falls_back_to_exact_retraining_and_records_every_attempt(
     assert len(case["model"].train_indices) == 240
 
 
-def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
-    case, tmp_path, monkeypatch
-):
-    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
-    out = _run(case, tmp_path, candidates="finetune,ssd", max_utility_loss=1.0)
+def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(case, tmp_path):
+    method = _auto(_gates(NO_EVIDENCE))
+    out = _run(case, tmp_path, method, candidates="finetune,ssd", max_utility_loss=1.0)
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["accepted_method"] == "finetune"
     assert [a["method"] for a in metrics["attempts"]] == ["finetune"]
@@ -92,12 +97,11 @@ def test_auto_accepts_the_first_method_that_passes_and_keeps_its_weights(
         assert np.array_equal(value.numpy(), out.module.state_dict()[key].numpy()), key
 
 
-def test_auto_rejects_a_method_that_damages_utility(case, tmp_path, monkeypatch):
-    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
-    # trained model, the candidate (+6%), then the fallback's rounds and unlearn()'s own record
-    values = itertools.chain([100.0, 106.0], itertools.repeat(101.0))
-    monkeypatch.setattr(utility_module, "mean_neg_elbo", lambda *a, **k: next(values))
-    out = _run(case, tmp_path, candidates="finetune")
+def test_auto_rejects_a_method_that_damages_utility(case, tmp_path):
+    # the trained model, the candidate (+6%), then the fallback's rounds
+    values = itertools.chain([106.0], itertools.repeat(101.0))
+    method = _auto(_gates(NO_EVIDENCE), utility=lambda run: _FakeUtility(100.0, values))
+    out = _run(case, tmp_path, method, candidates="finetune")
     metrics = out.provenance["events"][-1]["metrics"]
     attempt = metrics["attempts"][0]
     assert attempt["utility_loss"] == pytest.approx(0.06)
@@ -152,31 +156,29 @@ def test_auto_rejects_unknown_candidates(case):
         )
 
 
-def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(
-    case, tmp_path, monkeypatch
-):
-    _fake_gate(monkeypatch, lambda *a, **k: _FakeGate(NO_EVIDENCE))
+def test_auto_retrains_when_the_gate_cannot_see_the_trained_model_leak(case, tmp_path):
+    method = _auto(lambda *a, **k: _FakeGate(NO_EVIDENCE))
     with pytest.warns(UserWarning, match="cannot tell an approximate method that forgot"):
-        out = _run(case, tmp_path, candidates="finetune")
+        out = _run(case, tmp_path, method, candidates="finetune")
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["before"]["verdict"] == NO_EVIDENCE
     assert [a["method"] for a in metrics["attempts"]] == ["retrain_fast"]
 
 
-def test_auto_skips_the_candidates_when_its_gate_is_underpowered(case, tmp_path, monkeypatch):
-    _fake_gate(monkeypatch, lambda *a, **k: _FakeGate(LEAK, 0.8))
+def test_auto_skips_the_candidates_when_its_gate_is_underpowered(case, tmp_path):
+    method = _auto(lambda *a, **k: _FakeGate(LEAK, 0.8))
     with pytest.warns(UserWarning, match="could only detect an AUC above 0.80"):
-        out = _run(case, tmp_path, candidates="finetune")
+        out = _run(case, tmp_path, method, candidates="finetune")
     metrics = out.provenance["events"][-1]["metrics"]
     assert [a["method"] for a in metrics["attempts"]] == ["retrain_fast"]
 
 
-def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(
-    case, tmp_path, monkeypatch
-):
+def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(case, tmp_path):
     # before: leak; finetune passes the gate; after 2 relearning epochs: leak again
-    _fake_gate(monkeypatch, _gates(NO_EVIDENCE, LEAK))
-    out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
+    method = _auto(_gates(NO_EVIDENCE, LEAK))
+    out = _run(
+        case, tmp_path, method, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0
+    )
     metrics = out.provenance["events"][-1]["metrics"]
     first = metrics["attempts"][0]
     assert first["audit"]["verdict"] == NO_EVIDENCE and first["relearn"]["verdict"] == LEAK
@@ -184,9 +186,11 @@ def test_auto_rejects_a_method_whose_forget_cells_come_back_after_relearning(
     assert metrics["accepted_method"] == "retrain_fast"
 
 
-def test_auto_relearning_check_keeps_the_candidates_own_weights(case, tmp_path, monkeypatch):
-    _fake_gate(monkeypatch, _gates(NO_EVIDENCE))
-    out = _run(case, tmp_path, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0)
+def test_auto_relearning_check_keeps_the_candidates_own_weights(case, tmp_path):
+    method = _auto(_gates(NO_EVIDENCE))
+    out = _run(
+        case, tmp_path, method, candidates="finetune", relearn_epochs=2, max_utility_loss=1.0
+    )
     metrics = out.provenance["events"][-1]["metrics"]
     assert metrics["accepted_method"] == "finetune"
     assert metrics["attempts"][0]["relearn"]["epochs"] == 2

@@ -30,7 +30,7 @@ from scvi_unlearn.data import (
     validation_split,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def shared_file(name: str) -> Path:

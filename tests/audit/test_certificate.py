@@ -56,6 +56,7 @@ def _report(shift: float, n_members: int, n_nonmembers: int) -> AuditReport:
     return AuditReport(results, meta)
 
 
+@pytest.mark.chromium
 def test_certificate_renders_verdict_numbers_and_figures(tmp_path):
     report = _report(shift=1.5, n_members=150, n_nonmembers=150)
     path = report.save_html(tmp_path / "cert" / "certificate.html")
@@ -73,6 +74,7 @@ def test_certificate_renders_verdict_numbers_and_figures(tmp_path):
     assert int(total.group(1)) == 2 and loaded.group(1) == total.group(1)
 
 
+@pytest.mark.chromium
 def test_certificate_of_a_small_audit_says_underpowered_and_tpr_not_measurable(tmp_path):
     report = _report(shift=0.0, n_members=12, n_nonmembers=12)
     assert report.verdict == "underpowered"
@@ -123,6 +125,7 @@ def test_audit_records_fingerprints(overfit_case):
     assert again.metadata["fingerprints"] == prints
 
 
+@pytest.mark.chromium
 def test_cli_writes_the_certificate(saved_lab_model, tmp_path, capsys):
     from scvi_unlearn.cli import main
 

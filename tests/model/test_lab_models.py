@@ -261,7 +261,7 @@ def test_a_damaged_shadow_cache_entry_is_trained_again(tmp_path, damage):
         assert np.array_equal(_fit_pool(adata, tmp_path).features, first.features)
 
 
-# -- configurations (the matrix is tests/test_configurations.py) ------------------------
+# -- configurations (the matrix is tests/model/test_configurations.py) ------------------------
 def test_a_minified_model_is_refused_for_unlearning_and_audits():
     adata = _data()
     model = su.model.SCVI.from_scvi(_plain(adata))
