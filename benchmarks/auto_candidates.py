@@ -1,6 +1,6 @@
 """Benchmark: which approximate methods should ``unlearn(method="auto")`` try? (development only)
 
-``auto`` tries its candidates (``su.train.AUTO_CANDIDATES``) in order, gates each with an audit
+``auto`` tries its candidates (``su.model.AUTO_CANDIDATES``) in order, gates each with an audit
 on development cells, and falls back to the exact ``retrain_fast``. A candidate the gate
 rejects costs its run time for nothing; one it accepts saves the fallback. This decides the
 list on the **development** sets of ``unlearning_protocol.py`` only, never on its reporting

@@ -6,7 +6,7 @@ batch 128, epsilon 10:
 
 - ``ghost``: ``train_dp`` as the package runs it, per-cell norms from hooks, two backward
   passes per step;
-- ``vmap``: ``train_dp`` with the tests' reference plan (``tests/_vmap_reference.py``), one
+- ``vmap``: ``train_dp`` with the tests' reference plan (``tests/train/_vmap_reference.py``), one
   gradient per cell with ``torch.func``;
 - ``non-private``: ``model.train`` with the same epochs and batch size.
 

@@ -1,4 +1,4 @@
-"""One executor for many independent fits: sequential, a local process pool, Ray (issue 12)."""
+"""One executor for many independent fits: sequential, a local process pool, Ray."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -310,6 +312,31 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch through scvi-tools' settings (Lightning's seed_everything)."""
     settings.seed = int(seed)
+
+
+@contextlib.contextmanager
+def isolated_randomness() -> Iterator[None]:
+    """Leave the random state as it was before the block, whatever the block seeds or draws.
+
+    A method's reference pool is either trained (each model seeding scvi-tools' settings) or
+    loaded from the cache. Without this the method's own draws after it would depend on which
+    happened, and the same seed would give different weights on a first and a second run.
+    """
+    seed = settings.seed
+    # The global states are what seeding sets and what scvi-tools and Lightning draw from.
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    torch_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        if seed is not None:
+            settings.seed = seed  # scvi-tools' recorded seed (setting it re-seeds; undone below)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

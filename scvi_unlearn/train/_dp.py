@@ -10,8 +10,8 @@ changes in the weights is bounded by the privacy budget ``(epsilon, delta)``. Ea
 2. computes every cell's gradient norm of its own negative ELBO without the gradients
    themselves ("ghost clipping": hooks and two backward passes of the batch,
    :mod:`scvi_unlearn.train._ghost`); the tests check it against every cell's own gradient
-   from ``torch.func`` (``tests/_vmap_reference.py``, which patches torch to trace scVI and so
-   stays out of the package);
+   from ``torch.func`` (``tests/train/_vmap_reference.py``, which patches torch to trace scVI
+   and so stays out of the package);
 3. clips each cell's gradient to L2 norm ``max_grad_norm`` (one flat norm over all trainable
    parameters), sums them, adds ``noise_multiplier * max_grad_norm * N(0, I)``, divides by the
    *expected* batch size ``sample_rate * n_train`` and takes scVI's Adam step;

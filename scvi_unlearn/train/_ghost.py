@@ -12,7 +12,7 @@ factors ``c_i`` then gives the clipped sum ``sum_i c_i grad loss_i`` exactly.
 
 This replaces ``torch.func.vmap`` over cells (one gradient copy per cell) by two backward passes
 of the batch; both agree to float tolerance (``tests/train/test_dp.py`` against the ``vmap``
-reference of ``tests/_vmap_reference.py``).
+reference of ``tests/train/_vmap_reference.py``).
 
 The identity needs each cell's row to depend on that cell only (no batch norm in training mode,
 which DP-SGD forbids anyway) and each hooked layer to run once per forward pass; both are

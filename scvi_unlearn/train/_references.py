@@ -17,6 +17,7 @@ import numpy as np
 
 from scvi_unlearn._recipe import Recipe
 from scvi_unlearn.audit import ShadowPool, default_cache_dir, group_codes, train_shadow_pool
+from scvi_unlearn.train._common import isolated_randomness
 from scvi_unlearn.train._params import Param
 
 #: Added to the run's seed for reference pools: an audit's shadows (seed ``s``) and a method's
@@ -103,17 +104,19 @@ def run_reference_pool(
             f"of the reference models), got {hp['n_references']}."
         )
     start = time.perf_counter()
-    pool = method_reference_pool(
-        run.model,
-        hp["n_references"],
-        hp["reference_seed"],
-        hp["reference_cache_dir"],
-        accelerator=run.accelerator,
-        devices=run.devices,
-        progress_bar=run.enable_progress_bar,
-        keep_models=keep_models,
-        group_key=group_key,
-    )
+    # Trained or read from the cache, the pool leaves the run's random state as it found it.
+    with isolated_randomness():
+        pool = method_reference_pool(
+            run.model,
+            hp["n_references"],
+            hp["reference_seed"],
+            hp["reference_cache_dir"],
+            accelerator=run.accelerator,
+            devices=run.devices,
+            progress_bar=run.enable_progress_bar,
+            keep_models=keep_models,
+            group_key=group_key,
+        )
     record = {
         "n_references": pool.n_shadows,
         "reference_seed": REFERENCE_SEED_OFFSET + hp["reference_seed"],

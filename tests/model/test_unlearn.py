@@ -203,7 +203,7 @@ def test_extragradient_game_lowers_auc_but_selection_keeps_the_utility_budget(
     within the 5% retain-ELBO budget. Here (scvi-tools 1.4.2, Lightning 2.6) every epoch that
     lowered the AUC by more than 0.2 broke that budget, so the selected state barely moved:
     extra-gradient does not unlearn this toy within budget, and the test says so rather than
-    asserting success (issue 11 reworks the method)."""
+    asserting success."""
     split, model, adata = setting["split"], setting["model"], setting["adata"]
     metrics = extragradient.provenance["events"][-1]["metrics"]
     epochs = metrics["epochs"]
@@ -576,7 +576,7 @@ def test_from_scvi_copies_what_the_new_model_may_change():
 # -- no silent no-ops ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_population():
-    """A plain-sized scVI with a rare type of which only 2 cells were held out (issue 11)."""
+    """A plain-sized scVI with a rare type of which only 2 cells were held out."""
     adata = su.data.synthetic_pbmc(n_cells=300, n_genes=60, rare_fraction=0.06, seed=5)
     rare = np.flatnonzero(adata.obs["cell_type"] == "Megakaryocyte")
     held = rare[:2]
