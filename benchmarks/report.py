@@ -304,6 +304,17 @@ RECORDS: dict[str, tuple[Record, ...]] = {
             (Json("rows"),),
         ),
     ),
+    "Reproducibility": (
+        Record(
+            "method_fingerprints",
+            "Same seeds, same weights",
+            "The SHA-256 (first 16 hex digits) of every method's unlearned weights on a fixed "
+            "tiny synthetic model; `--check` compares a later checkout with this record.",
+            "python benchmarks/method_fingerprints.py",
+            (Json("table", file="fingerprints.json"),),
+            files=("fingerprints.json",),
+        ),
+    ),
     "Speed and scale": (
         Record(
             "fisher_speed",
