@@ -71,12 +71,3 @@ def fit_target(adata, train, args, **quiet):
     t0 = time.perf_counter()
     target = recipe.fit_cells(adata, train, seed=args.seed, **quiet)
     return target, time.perf_counter() - t0
-
-
-def most_seeds(k: int, n: int) -> bool:
-    """The seed rule of the protocol's scripts: ``k`` of ``n`` seeds is at least two thirds.
-
-    A row of 3 seeds passes with 2 or 3. Each seed's own outcome comes from the library
-    (:func:`scvi_unlearn.audit.overall_result`, or the gate of ``auto``); this only counts them.
-    """
-    return k * 3 >= 2 * n

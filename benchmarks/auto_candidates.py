@@ -42,7 +42,9 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import DATASET_SETTINGS, QUIET, load, markdown_table, require_data
-from _protocol import cell_sets, fit_target, most_seeds
+from _protocol import cell_sets, fit_target
+
+import scvi_unlearn as su
 
 APPROXIMATE = ("contrastive", "reset_relearn", "oracle_matching", "ssd", "fisher")
 
@@ -79,7 +81,7 @@ def decide(frame: pd.DataFrame) -> list[str]:
     chosen = []
     for method, part in frame.groupby("method"):
         by_set = part.groupby("forget").accepted.agg(["sum", "count"])
-        if most_seeds(by_set["sum"], by_set["count"]).any():
+        if su.audit.most_seeds(by_set["sum"], by_set["count"]).any():
             chosen.append((float(part.attempt_s.mean()), method))
     return [m for _, m in sorted(chosen)]
 

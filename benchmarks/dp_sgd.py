@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import DATASET_SETTINGS, QUIET, TARGET, load, markdown_table, require_data
-from _protocol import most_seeds, pair_of_splits
+from _protocol import pair_of_splits
 
 import scvi_unlearn as su
 from scvi_unlearn._utils import dump_json
@@ -234,7 +234,7 @@ def largest_epsilon(frame: pd.DataFrame, passes) -> str:
     """Largest target epsilon whose seeds pass in >= 2 of 3 (a majority), or "none"."""
     passing = []
     for name, part in frame[frame.model.str.startswith("DP")].groupby("model"):
-        if most_seeds(passes(part).sum(), len(part)):
+        if su.audit.most_seeds(passes(part).sum(), len(part)):
             passing.append(float(name.split("=")[1].split()[0]))  # "DP eps=10 (train)"
     return f"{max(passing):g}" if passing else "none"
 

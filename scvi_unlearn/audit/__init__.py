@@ -45,6 +45,14 @@ from scvi_unlearn.audit._shadows import (
     default_cache_dir,
     train_shadow_pool,
 )
+from scvi_unlearn.audit._success import (
+    SEED_SHARE,
+    SUCCESS,
+    SUCCESS_LABELS,
+    SUCCESS_UTILITY_MARGIN,
+    most_seeds,
+    unlearning_success,
+)
 
 # The loss kernel lives in scvi_unlearn.module; re-exported here, where audits look for it.
 from scvi_unlearn.module import LOSS_FEATURE, SCALAR_FEATURES, feature_matrix, per_cell_loss_terms
@@ -61,6 +69,10 @@ __all__ = [
     "NO_EVIDENCE",
     "OVERALL_RESULTS",
     "SCALAR_FEATURES",
+    "SEED_SHARE",
+    "SUCCESS",
+    "SUCCESS_LABELS",
+    "SUCCESS_UTILITY_MARGIN",
     "UNDERPOWERED",
     "VERDICTS",
     "AttackResult",
@@ -88,6 +100,7 @@ __all__ = [
     "judge",
     "lira_scores",
     "loss_scores",
+    "most_seeds",
     "overall_result",
     "per_cell_loss_terms",
     "pooled_reference_interval",
@@ -95,6 +108,7 @@ __all__ = [
     "rmia_scores",
     "tpr_at_fpr",
     "train_shadow_pool",
+    "unlearning_success",
     "weights_sha256",
     "write_certificate",
 ]
