@@ -51,15 +51,21 @@ nitpicky = True
 _EXTERNAL = (
     "torch", "numpy", "np", "pandas", "pd", "scvi", "anndata", "ad", "scanpy", "sc", "lightning",
     "matplotlib", "mpl", "plt", "scipy", "collections", "pathlib", "os", "typing", "opacus", "ray",
+    "fractions",
 )  # fmt: skip
 nitpick_ignore_regex = [
     ("py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),
     # Bare names of other packages' classes, as type hints spell them.
     ("py:.*", r"AnnData|Axes|Path|Figure|Tensor|Module|Generator|DataFrame|Series|Index"),
 ]
-# The package's own type aliases, as signatures spell them (``IndexLike``: positions, names or a
-# mask of cells; ``Tensors``: a dict of named tensors); they are not classes to link to.
-nitpick_ignore = [("py:class", "IndexLike"), ("py:class", "Tensors")]
+# The package's own type aliases and structural types, as signatures spell them (``IndexLike``:
+# positions, names or a mask of cells; ``Tensors``: a dict of named tensors; ``_ScoredReport``:
+# what ``pl.roc_curves`` reads of an AuditReport); they are not classes to link to.
+nitpick_ignore = [
+    ("py:class", "IndexLike"),
+    ("py:class", "Tensors"),
+    ("py:class", "_ScoredReport"),
+]
 # Nothing is suppressed: the build passes with -W as is.
 suppress_warnings: list[str] = []
 

@@ -35,7 +35,7 @@ from scvi_unlearn._validation import check_count_data
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from scvi_unlearn.model._scvi import SCVI
+    from scvi.model import SCVI  # the base class: this module sits below model._scvi
 
 #: scArches' architecture for models that take queries (Lotfollahi et al. 2022): layer norm
 #: instead of batch norm (no running statistics to share), covariates into the encoder too.

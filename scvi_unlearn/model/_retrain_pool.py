@@ -13,8 +13,9 @@ from scvi_unlearn.train import exact_methods, get_method
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    from scvi.model import SCVI  # the base class: this module sits below model._scvi
+
     from scvi_unlearn._executor import Executor
-    from scvi_unlearn.model._scvi import SCVI
 
 
 def retraining_methods() -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -10,15 +10,26 @@ from sklearn.metrics import roc_curve
 from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from matplotlib.axes import Axes
 
-    from scvi_unlearn.audit import AuditReport
+
+# What the plot reads of an audit report, so that ``pl`` (below ``audit`` in the layers) needs
+# no import of it: :class:`~scvi_unlearn.AuditReport` and its attack results have these.
+class _AttackScores(Protocol):
+    member_scores: np.ndarray
+    nonmember_scores: np.ndarray
+    auc: float
+
+
+class _ScoredReport(Protocol):
+    results: Mapping[str, _AttackScores]
+    verdict: str
 
 
 def roc_curves(
-    report: AuditReport,
+    report: _ScoredReport,
     *,
     attacks: Sequence[str] | None = None,
     log_scale: bool = True,
