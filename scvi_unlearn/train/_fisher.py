@@ -114,16 +114,18 @@ def diagonal_fisher(
         k: torch.zeros_like(v) for k, v in trainable_parameters(module).items()
     }
     count = 0
-    with eval_mode(module), _no_distribution_validation():
+    with eval_mode(module):
         if method == "hooks":
             layers = _HookedLayers(module)
             for batch in batches:
                 layers.add_squared_gradients(batch, total)
                 count += n_cells(batch)
         else:
-            for batch in batches:
-                _add_functional_squared_gradients(module, batch, total)
-                count += n_cells(batch)
+            # Only the vmap path needs validation off (a process-wide torch setting, restored).
+            with _no_distribution_validation():
+                for batch in batches:
+                    _add_functional_squared_gradients(module, batch, total)
+                    count += n_cells(batch)
     if count == 0:
         raise ValueError("diagonal_fisher got no cells.")
     return {k: v / count for k, v in total.items()}
