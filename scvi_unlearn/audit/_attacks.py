@@ -81,7 +81,8 @@ def lira_scores(
         Online: log N(loss; IN) - log N(loss; OUT) per cell. Offline: how far below the cell's
         OUT distribution the loss lies, in OUT standard deviations (only OUT shadows needed).
     fix_variance
-        Pool the variance over cells (Carlini et al.'s choice with few shadows).
+        Pool the variance over cells (the fixed-variance variant of TF-Privacy's LiRA, which
+        Carlini et al. recommend with few shadows).
 
     Returns
     -------
@@ -123,10 +124,17 @@ def rmia_scores(
     ``Pr(x | reference)`` over the reference (shadow) models that did not train on ``x``
     (offline) or over all of them (online). The score of ``x`` is the fraction of population
     cells ``z`` with ``LR(x) / LR(z) > gamma``: how much more ``x`` gains from the target than
-    typical non-members do. The paper's offline correction ``Pr(x) = ((1 + a) Pr_OUT(x) +
-    1 - a) / 2`` assumes probabilities in [0, 1]; for densities it is taken with ``a = 1``.
-    Means of likelihoods are computed in log space (``logsumexp``), since per-cell
-    likelihoods are far below floating-point range.
+    typical non-members do. A population cell is never compared with itself (leave-one-out:
+    its score is over the other population cells). Compared with itself it could never pass
+    (``LR(x) / LR(x) = 1``, not above ``gamma = 1``), so every non-member would lose a pair that
+    no member loses, inflating the AUC by about ``0.5 / n_population``.
+
+    The paper's offline form ``Pr(x) = ((1 + a) Pr_OUT(x) + 1 - a) / 2`` is taken with
+    ``a = 1``, i.e. ``Pr(x) = Pr_OUT(x)``. Here ``Pr(x | model) = exp(-loss)`` is a likelihood
+    of a whole count vector, many orders of magnitude below 1, so the constant ``(1 - a) / 2``
+    would swamp it for any ``a < 1``; measured on the package's audits, the AUC rises from about
+    0.57 at ``a = 0`` to 0.905 at ``a = 1``. Means of likelihoods are computed in log space
+    (``logsumexp``), since per-cell likelihoods are far below floating-point range.
 
     Parameters
     ----------
@@ -146,8 +154,9 @@ def rmia_scores(
 
     Returns
     -------
-    ``(n_cells,)`` scores in [0, 1], higher = more member-like; NaN where a cell (or every
-    population cell) has no OUT reference model.
+    numpy.ndarray
+        ``(n_cells,)`` scores in [0, 1], higher = more member-like; NaN where a cell has no OUT
+        reference model, or where no other population cell has one.
 
     Examples
     --------
@@ -155,7 +164,7 @@ def rmia_scores(
     >>> inside = np.zeros((2, 4), bool)
     >>> s = rmia_scores(np.array([1.0, 3.0, 3.1, 2.9]), shadow, inside, np.array([2, 3]))
     >>> s.tolist()
-    [1.0, 0.5, 0.0, 0.5]
+    [1.0, 0.5, 0.0, 1.0]
     """
     x = -np.asarray(target_loss, dtype=float)
     values = -np.asarray(shadow_loss, dtype=float)
@@ -164,14 +173,21 @@ def rmia_scores(
     with np.errstate(divide="ignore"):
         log_px = logsumexp(values, axis=0, b=use.astype(float)) - np.log(np.maximum(count, 1))
     log_lr = np.where(count > 0, x - log_px, np.nan)
-    pop_lr = log_lr[np.asarray(population)]
-    pop_lr = pop_lr[np.isfinite(pop_lr)]
+    in_population = np.zeros(x.shape, bool)
+    in_population[np.asarray(population)] = True
+    in_population &= np.isfinite(log_lr)
+    pop_lr = np.sort(log_lr[in_population])
     if pop_lr.size == 0:
         return np.full(x.shape, np.nan)
     # Fraction of z with log LR(x) - log LR(z) > log gamma, via a sorted search (no n x m).
-    pop_lr = np.sort(pop_lr)
-    below = np.searchsorted(pop_lr, log_lr - np.log(gamma), side="left")
-    return np.where(np.isfinite(log_lr), below / pop_lr.size, np.nan)
+    above = np.searchsorted(pop_lr, log_lr - np.log(gamma), side="left").astype(float)
+    n = np.full(x.shape, float(pop_lr.size))
+    # Leave-one-out for the population cells: drop the self-pair from both counts.
+    above[in_population] -= float(np.log(gamma) < 0)  # the self-pair passes only if gamma < 1
+    n[in_population] -= 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = above / n
+    return np.where(np.isfinite(log_lr) & (n > 0), score, np.nan)
 
 
 def fit_shadow_classifier(

@@ -115,6 +115,30 @@ def test_rmia_ranks_by_likelihood_ratio_against_population():
     assert np.isnan(rmia_scores(target, shadow, in_mask, population)[0])
 
 
+def test_rmia_never_compares_a_population_cell_with_itself():
+    # Zero reference losses: each cell's log LR is minus its target loss.
+    log_lr = np.array([5.0, 1.0, 2.0, 3.0, 4.0])
+    shadow, out = np.zeros((2, 5)), np.zeros((2, 5), bool)
+    s = rmia_scores(-log_lr, shadow, out, population=np.array([1, 2, 3, 4]))
+    # A member beats 4 of 4 population cells; a population cell is ranked among the other 3.
+    assert s.tolist() == [1.0, 0.0, 1 / 3, 2 / 3, 1.0]
+
+
+def test_rmia_auc_is_unbiased_on_null_audits():
+    # Members and non-members drawn alike: the mean AUC must be 0.5. Comparing each non-member
+    # with itself would add about 0.5 / n_nonmembers (+0.05 here).
+    rng = np.random.default_rng(1)
+    n, aucs = 10, []
+    for _ in range(400):
+        shadow = rng.normal(0, 1, size=(4, 2 * n))
+        in_mask = np.zeros((4, 2 * n), bool)
+        target = rng.normal(0, 1, size=2 * n)
+        population = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+        s = rmia_scores(target, shadow, in_mask, population)
+        aucs.append(su.audit.auc_from_scores(s[:n], s[n:]))
+    assert abs(np.mean(aucs) - 0.5) < 0.02, np.mean(aucs)
+
+
 def test_rmia_runs_in_the_audit(overfit_case):
     case = overfit_case
     report = case["mi"].audit(case["model"], members=case["train"], nonmembers=case["held"])
