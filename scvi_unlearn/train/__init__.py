@@ -25,7 +25,7 @@ from scvi_unlearn.train._common import (
 )
 from scvi_unlearn.train._contrastive import ContrastiveLatentPlan
 from scvi_unlearn.train._critics import CriticEnsemble
-from scvi_unlearn.train._dp import DPTrainingPlan, train_dp
+from scvi_unlearn.train._dp import DEFAULT_DELTA_SHARE, DPTrainingPlan, train_dp
 from scvi_unlearn.train._epochs import (
     MIN_SELECTION_CELLS,
     EpochRule,
@@ -75,6 +75,7 @@ from scvi_unlearn.train._utility import HeldOutUtility, mean_neg_elbo
 
 __all__ = [
     "CALIBRATION_KEY",
+    "DEFAULT_DELTA_SHARE",
     "DEFAULT_N_REFERENCES",
     "FROM_PLAN",
     "METHODS",

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +69,9 @@ ACCOUNTANTS = ("rdp", "prv")
 PER_CELL_LOSSES = ("elbo", "posterior_mean")
 #: How :class:`DPTrainingPlan` gets per-cell gradient norms: hooks ("ghost clipping").
 GRAD_SAMPLE_MODES = ("ghost",)
+#: Default delta as a share of ``1 / n_train``: a delta of ``1 / n`` would certify a mechanism
+#: that publishes one random cell outright, so the default is ten times smaller.
+DEFAULT_DELTA_SHARE = 0.1
 #: File that ``save_privacy`` writes beside a saved model.
 PRIVACY_FILE = "dp_privacy.json"
 _INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
@@ -596,8 +600,10 @@ def train_dp(
         ``(target_epsilon, target_delta)`` over all planned steps. Give this or
         ``noise_multiplier``.
     target_delta
-        The delta of the guarantee; default ``1 / n_train`` (one over the number of training
-        cells). The usual advice is a delta well below ``1 / n_train``; pass one.
+        The delta of the guarantee; default ``0.1 / n_train``
+        (:data:`~scvi_unlearn.train.DEFAULT_DELTA_SHARE` over the number of training cells).
+        A delta of ``1 / n_train`` or more would allow a mechanism that publishes a random cell
+        outright; it is accepted with a warning.
     max_grad_norm
         Per-cell clipping norm.
     noise_multiplier
@@ -683,7 +689,7 @@ def train_dp(
         raise ValueError(f"`max_epochs` must be a positive integer, got {max_epochs!r}.")
     max_epochs = int(max_epochs)
     sample_rate = min(1.0, int(batch_size) / n_train)
-    delta = 1.0 / n_train if target_delta is None else target_delta
+    delta = DEFAULT_DELTA_SHARE / n_train if target_delta is None else target_delta
     check_privacy_arguments(
         target_epsilon=target_epsilon,
         target_delta=delta,
@@ -693,6 +699,14 @@ def train_dp(
         accountant=accountant,
     )
     delta = float(delta)
+    if delta >= 1.0 / n_train:
+        warnings.warn(
+            f"target_delta={delta:g} is at least 1 / n_train (1/{n_train}): such a guarantee "
+            "allows a mechanism that publishes a random training cell outright. Use a delta "
+            f"well below it, e.g. {DEFAULT_DELTA_SHARE / n_train:.2g} (the default).",
+            UserWarning,
+            stacklevel=2,
+        )
     steps_per_epoch = max(1, int(1 / sample_rate))  # Opacus' epoch of Poisson batches
     planned_steps = max_epochs * steps_per_epoch
     if noise_multiplier is None:

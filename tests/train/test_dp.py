@@ -62,13 +62,13 @@ def test_recorded_epsilon_matches_an_independent_opacus_accountant(adata, accoun
     q = 32 / n_train
     assert summary["n_train"] == n_train == len(model.train_indices)
     assert summary["sample_rate"] == pytest.approx(q)
-    assert summary["delta"] == pytest.approx(1 / n_train)  # the default delta
+    assert summary["delta"] == pytest.approx(0.1 / n_train)  # the default: well below 1 / n
     assert summary["steps"] == 2 * int(1 / q) == 6
     reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     reference.history = [(1.1, q, 6)]
-    expected = reference.get_epsilon(delta=1 / n_train)
+    expected = reference.get_epsilon(delta=0.1 / n_train)
     assert summary["epsilon"] == pytest.approx(expected, rel=1e-9)
-    assert privacy_spent(1.1, q, 6, 1 / n_train, accountant) == pytest.approx(expected)
+    assert privacy_spent(1.1, q, 6, 0.1 / n_train, accountant) == pytest.approx(expected)
     assert model.dp_privacy_ == summary
     assert model.is_trained and len(model.validation_indices) == 12
     assert "elbo_validation" in model.history
@@ -216,6 +216,14 @@ def test_invalid_privacy_settings_are_refused(adata, kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_dp(model, max_epochs=1, **kwargs, **QUIET)
     assert not model.is_trained
+
+
+def test_a_delta_of_one_over_n_or_more_is_warned_about(adata):
+    model = fresh_model(adata)
+    with pytest.warns(UserWarning, match="publishes a random training cell"):
+        summary = train_dp(model, noise_multiplier=1.0, target_delta=1 / 100, max_epochs=1,
+                           batch_size=32, **QUIET)  # fmt: skip
+    assert summary["delta"] == 1 / 100  # 108 training cells: 1/100 > 1/108
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.5])
