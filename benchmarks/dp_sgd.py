@@ -16,7 +16,8 @@ without them. This measures it on real PBMCs with the protocol of ``unlearning_p
 - Rows: the non-private model trained on all training cells (its leak is the "before");
   ``--retrain-seeds`` (default 8) exact retrains on the retained cells (the band,
   ``su.audit.reference_band``); DP-SGD models (``su.train.train_dp``, RDP accountant,
-  ``delta = 1 / n_train``, clipping norm 1, expected batch 128, same epochs, ghost clipping)
+  ``delta = --delta-share / n_train`` (default 1, as the record ran; the library's own default
+  is 0.1), clipping norm 1, expected batch 128, same epochs, ghost clipping)
   at each of ``--epsilons`` (default 1, 10, 50), ``--dp-seeds`` (default 3) seeds each (the
   seed sets the initial weights, the Poisson batches and the noise).
 - Which epsilon reaches the band: per forget set, the largest epsilon (least noise) whose
@@ -111,6 +112,10 @@ def main() -> None:
     parser.add_argument("--n-shadows", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="expected DP batch size")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument(
+        "--delta-share", type=float, default=1.0,
+        help="delta = this / n_train (the record: 1; the library's default: 0.1)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default="benchmarks/cache")
@@ -209,7 +214,8 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
                 t0 = time.perf_counter()
                 model = recipe.build(adata.copy(), seed=seed)
                 summary = su.train.train_dp(
-                    model, target_epsilon=eps, max_epochs=epochs, batch_size=args.batch_size,
+                    model, target_epsilon=eps, target_delta=args.delta_share / len(sets[on]),
+                    max_epochs=epochs, batch_size=args.batch_size,
                     max_grad_norm=args.max_grad_norm, indices=sets[on], seed=seed,
                     grad_sample_mode=args.grad_sample_mode, **QUIET,
                 )  # fmt: skip
