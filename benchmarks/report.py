@@ -291,7 +291,7 @@ RECORDS: dict[str, tuple[Record, ...]] = {
             "DP-SGD instead of unlearning",
             "Does a DP-SGD-trained scVI keep the forget cells inside the band of 8 exact "
             "retrains? pbmc3k, memorising architecture with layer norm, epsilon 1/10/50 at "
-            "delta = 1 / n_train (the library now defaults to 0.1 / n_train), "
+            "delta = 1 / n_train (the library's default is 0.1 / n_train), "
             "3 seeds each, structured and scattered requests.",
             "python benchmarks/dp_sgd.py --epochs 20 --threads 1",
             (Markdown(),),
