@@ -288,6 +288,7 @@ class MembershipInference:
             self._features(m, cells, role=f"reference model {i}")
             for i, m in enumerate(reference_models or [])
         ]
+        self._check_references(reference_models or [], members_idx, nonmembers_idx)
         scored = {}
         skipped = {}
         for attack in attacks:
@@ -484,6 +485,27 @@ class MembershipInference:
                     stacklevel=3,
                 )
         return m, n
+
+    def _check_references(self, reference_models, members_idx, nonmembers_idx) -> None:
+        """Refuse a reference model that trained on an audited cell (where it records its cells).
+
+        Reference models stand for models that never saw the audited cells (retrains without
+        the forget cells): one that trained on a member or a non-member gives a band of the
+        wrong question, and the audit would judge against it silently.
+        """
+        for i, ref in enumerate(reference_models):
+            trained = self._trained_positions(ref)
+            if trained is None:
+                continue
+            for what, cells in (("members", members_idx), ("nonmembers", nonmembers_idx)):
+                seen = np.intersect1d(cells, trained)
+                if seen.size:
+                    raise ValueError(
+                        f"Reference model {i} trained on {seen.size} of the {cells.size} audited "
+                        f"`{what}` (e.g. {self.adata.obs_names[seen[:3]].tolist()}). Reference "
+                        "models must never have trained on the audited cells: retrain them "
+                        "without the forget cells (e.g. `su.model.retrain_models`)."
+                    )
 
     def _trained_positions(self, model) -> np.ndarray | None:
         """Positions in ``self.adata`` of the cells the model trained on, if known."""

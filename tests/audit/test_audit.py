@@ -52,15 +52,16 @@ def test_null_control_never_trained_members(overfit_case):
 def test_reference_models_supply_the_band(overfit_case):
     case = overfit_case
     adata, held, train = case["adata"], case["held"], case["train"]
-    # A model trained on the held-out half never saw the train half: a reference for it.
-    split = su.data.MembershipSplit(train=held, forget=held, nonmember=train, heldout=train)
     from scvi_unlearn._demo import demo_recipe, train_target
 
+    members, nonmembers = train[:40], held[:40]
+    # A model trained on the other 60 held-out cells never saw the audited cells: a reference.
+    rest = held[40:]
+    split = su.data.MembershipSplit(train=rest, forget=rest, nonmember=train, heldout=train)
     reference = train_target(adata, split, demo_recipe(max_epochs=30), seed=1)
-    members, nonmembers = train[:40], np.setdiff1d(np.arange(adata.n_obs), train)[:40]
     with pytest.raises(ValueError, match="training set"):
-        # the reference model trained on `nonmembers`: the audit of it must be refused
-        case["mi"].audit(reference, members=members, nonmembers=nonmembers)
+        # the reference model trained on these `nonmembers`: an audit of it with them is refused
+        case["mi"].audit(reference, members=members, nonmembers=held[40:80])
     report = case["mi"].audit(
         case["model"],
         members=members,
@@ -70,6 +71,23 @@ def test_reference_models_supply_the_band(overfit_case):
     )
     assert report.results["loss"].reference_source == "1 reference models"
     assert len(report.results["lira_online"].reference_aucs) == 1
+
+
+@pytest.mark.parametrize("what", ["members", "nonmembers"])
+def test_a_reference_model_that_trained_on_audited_cells_is_refused(overfit_case, what):
+    case = overfit_case
+    adata, held, train = case["adata"], case["held"], case["train"]
+    from scvi_unlearn._demo import demo_recipe, train_target
+
+    members, nonmembers = train[:40], held[:40]
+    seen = members[:5] if what == "members" else nonmembers[:5]
+    cells = np.r_[held[40:], seen]
+    split = su.data.MembershipSplit(train=cells, forget=cells, nonmember=train[40:],
+                                    heldout=train[40:])  # fmt: skip
+    reference = train_target(adata, split, demo_recipe(max_epochs=2), seed=1)
+    with pytest.raises(ValueError, match=rf"Reference model 0 trained on 5 of the 40 .*`{what}`"):
+        case["mi"].audit(case["model"], members=members, nonmembers=nonmembers,
+                         reference_models=[reference], attacks=("loss",))  # fmt: skip
 
 
 # --- determinism ----------------------------------------------------------------------------
