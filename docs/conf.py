@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from importlib.metadata import version as _package_version
 from pathlib import Path
@@ -124,8 +125,6 @@ def _write_configurations() -> None:
 
 def _role(text: str) -> str:
     """reST roles of a docstring (``:class:`x```) in MyST's spelling (``{class}`x```)."""
-    import re
-
     return re.sub(r":(\w+):`", r"{\1}`", text)
 
 
