@@ -602,12 +602,12 @@ def _success(rows: pd.DataFrame, bands, utility_margin: float = 0.05) -> pd.Data
     ]
     retrain = rows[rows["method"] == "retrain"].groupby(["dataset", "forget"])["heldout_neg_elbo"]
     ref = retrain.mean()
-    limit = np.array([ref.get(k, np.nan) for k in key]) * (1 + utility_margin)
-    rows["utility_ok"] = rows["heldout_neg_elbo"].to_numpy() <= limit
+    # held-out neg. ELBO against the retrain seeds' mean, minus 1 (+0.06: 6% worse)
+    change = rows["heldout_neg_elbo"].to_numpy() / np.array([ref.get(k, np.nan) for k in key]) - 1
+    rows["utility_ok"] = change <= utility_margin
     rows["faster"] = rows["time_vs_retrain"] < 1.0
     judged = ~rows["method"].isin(["baseline", "retrain"])
     # The library's rule on each row alone (one seed each; this table has no power column).
-    change = rows["heldout_neg_elbo"].to_numpy() / np.array([ref.get(k, np.nan) for k in key]) - 1
     rows["success"] = judged & [
         su.audit.unlearning_success(
             [ok], time_vs_retrain=t, utility_change=[c], utility_margin=utility_margin
