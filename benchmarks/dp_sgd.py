@@ -30,7 +30,9 @@ without them. This measures it on real PBMCs with the protocol of ``unlearning_p
   (then they are a private retrain and the audit is a sanity check); ``both``: both rows.
 - Audit: ``MembershipInference`` (``--n-shadows`` shadows of the non-private recipe, cached),
   LiRA (online) AUC of forget cells vs non-members with its bootstrap CI, loss-threshold AUC,
-  verdict by ``su.audit.judge`` against the band, ``su.audit.overall_result`` with held-out
+  verdict by ``su.audit.paired_verdict`` against the retrains' AUCs on the same cells (records
+  made before that rule judged the CI against ``mean +- 2 sqrt(SD^2 + SE^2)``),
+  ``su.audit.overall_result`` with held-out
   neg. ELBO against the mean retrain's. The shadows are trained without DP (the library's
   recipe has no DP option), so LiRA's reference distributions are those of non-private models:
   the audit stays valid as a test (AUC of forget vs non-members), less so as a calibrated
@@ -181,14 +183,13 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
         su.utility.utility_metrics(m, adata, indices=background)["neg_elbo"] for m, _ in retrains
     ]
     retrain_elbo = float(np.mean(elbos))
-    results = [audit(m)[0] for m, _ in retrains]
-    band = su.audit.reference_band([r.auc for r in results], [r.auc_ci for r in results])
+    references = [audit(m)[0].auc for m, _ in retrains]  # the paired verdict's references
+    band = su.audit.reference_band(references)
     print(f"retrain band: {band[0]:.3f}-{band[1]:.3f}")
 
     def row(name, model, seconds, exact=False, privacy=None, seed=None):
         lira, loss = audit(model)
-        detectable = su.audit.detectable_auc(forget.size, nonmember.size, band[1])
-        verdict = su.audit.judge(lira.auc_ci, band, detectable)
+        verdict = su.audit.paired_verdict(lira.auc, references, forget.size, nonmember.size)[0]
         elbo = su.utility.utility_metrics(model, adata, indices=background)["neg_elbo"]
         record = {
             "forget": forget_type, "model": name, "seed": seed, "lira_auc": lira.auc,

@@ -142,7 +142,8 @@ RECORDS: dict[str, tuple[Record, ...]] = {
             "Audit calibration: false leaks and power",
             "False leaks on null audits (both sides never-trained cells) and power on real "
             "members against the number of shadow models; Kang and pbmc3k subsets of 2,000 "
-            "cells, default and memorising scVI, 16 shadows, 28 target models.",
+            "cells, default and memorising scVI, 16 shadows, 28 target models (verdicts by "
+            "the rules of its run: the sampling band, and RMIA with its self-comparison).",
             "python benchmarks/audit_calibration.py",
             (
                 Json("calibration", caption="False leaks (null audits) beside power (k = 16)."),
@@ -150,6 +151,27 @@ RECORDS: dict[str, tuple[Record, ...]] = {
                 Json("power_vs_k", caption="Power against the number of shadow models k."),
                 Json("timings", digits=1, caption="Seconds per target model (1 thread)."),
             ),
+        ),
+        Record(
+            "audit_verdicts",
+            "Verdict calibration against retrain reference models",
+            "False leaks on null audits (the audited model is one more retrain; members and "
+            "non-members both never trained on) and power on real members, for the paired rule "
+            "the audit uses, the earlier sampling band and the OUT-shadow interval; Kang and "
+            "pbmc3k subsets of 2,000 cells, default and memorising scVI, 16 retrain seeds and 4 "
+            "originals each, 60 + 60 and 200 + 200 cells, 3 or 8 references.",
+            "python benchmarks/audit_verdicts.py --datasets kang; "
+            "python benchmarks/audit_verdicts.py --datasets pbmc3k",
+            (
+                Json("pooled", caption="Both data sets and recipes, by audit size and rule."),
+                Json("per_combination", caption="Per data set and recipe (60 + 60 cells)."),
+                Json(
+                    "protocol_rejudged",
+                    caption="The unlearning protocol's saved LiRA rows judged by the paired "
+                    "rule (their record used the sampling band).",
+                ),
+            ),
+            notes="conclusion.md",
         ),
         Record(
             "audit_donors",

@@ -26,8 +26,11 @@ Protocol (written before running; docs/methods.md: protocol, success):
   methods' reference pool (seed offset ``REFERENCE_SEED_OFFSET``, cache
   ``<cache>/method_references``); the development audits use the reference pool, never the
   shadows. The reference pool's one-time cost is its own column.
-- Band: ``--retrain-seeds`` (default 8) exact retrains; ``su.audit.reference_band`` (the
-  library's one band rule) on the reporting cells; verdicts by ``su.audit.judge``.
+- Band: ``--retrain-seeds`` (default 8) exact retrains, scored on the reporting cells; verdicts
+  by ``su.audit.paired_verdict`` (the library's one rule against reference models: their
+  prediction band on the same cells, the row's point AUC judged against it). Records made before
+  that rule judged the row's CI against ``mean +- 2 sqrt(SD^2 + SE^2)``; each cell's
+  ``settings`` say which (``verdict_rule``).
 - Pools (audit shadows, the methods' reference pool, the retrains) run on
   ``su.Executor``: sequential by default; ``--workers N`` (a local process pool) or ``--ray``
   spread them, at one torch thread per task (then retrain times no longer compare with the
@@ -183,10 +186,11 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     )
 
     def band_on(members, nonmembers):
-        results = [lira(m, members, nonmembers)[0] for m, _ in retrains]
-        return su.audit.reference_band([r.auc for r in results], [r.auc_ci for r in results])
+        """The retrains' LiRA AUCs on these cells: the paired verdict's references."""
+        return [lira(m, members, nonmembers)[0].auc for m, _ in retrains]
 
-    band = band_on(rep.forget, rep.nonmember)
+    references = band_on(rep.forget, rep.nonmember)
+    band = su.audit.reference_band(references)
     print(f"retrain band on the reporting cells: {band[0]:.3f}-{band[1]:.3f}")
 
     # -- development: the reference pool's audit, and Fisher's alpha -------------------------
@@ -244,16 +248,18 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
     # -- rows on the reporting cells -------------------------------------------------------
     rows = []
 
-    def row(name, seed, model, seconds, members, nonmembers, row_band, exact=False):
+    def row(name, seed, model, seconds, members, nonmembers, row_refs, exact=False):
         lira_r, loss_r = lira(model, members, nonmembers)
-        detectable = su.audit.detectable_auc(members.size, nonmembers.size, row_band[1])
-        verdict = su.audit.judge(lira_r.auc_ci, row_band, detectable)
+        verdict, _, row_band, _, detectable = su.audit.paired_verdict(
+            lira_r.auc, row_refs, members.size, nonmembers.size
+        )
         elbo = su.utility.utility_metrics(model, adata, indices=bg_rep)["neg_elbo"]
         loss = elbo / retrain_elbo - 1
         record = {
             "dataset": dataset, "forget": forget_type, "target": args.target, "method": name,
             "seed": seed, "lira_auc": lira_r.auc, "lira_low": lira_r.auc_ci[0],
             "lira_high": lira_r.auc_ci[1], "band_low": row_band[0], "band_high": row_band[1],
+            "reference_aucs": list(row_refs),
             "detectable_auc": detectable, "verdict": verdict, "loss_auc": loss_r.auc,
             "n_forget": int(members.size), "n_nonmembers": int(nonmembers.size),
             "heldout_neg_elbo": elbo, "utility_vs_retrain": loss,
@@ -265,10 +271,10 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         return record
 
     rows.append(
-        row("trained (before)", args.seed, target, target_s, rep.forget, rep.nonmember, band)
+        row("trained (before)", args.seed, target, target_s, rep.forget, rep.nonmember, references)
     )
     for s, (m, t) in enumerate(retrains):
-        rows.append(row("retrain", s, m, t, rep.forget, rep.nonmember, band, exact=True))
+        rows.append(row("retrain", s, m, t, rep.forget, rep.nonmember, references, exact=True))
     kept = {}
     for name in args.methods:
         method, hp = METHODS[name]
@@ -293,15 +299,15 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
                 rows.append({"dataset": dataset, "forget": forget_type, "method": name,
                              "seed": s, "error": repr(exc)})  # fmt: skip
                 continue
-            members, nonmembers, row_band = rep.forget, rep.nonmember, band
+            members, nonmembers, row_refs = rep.forget, rep.nonmember, references
             metrics = m.provenance["events"][-1]["metrics"]
             if metrics.get("forget_val_names"):  # selected on some reporting cells: not those
                 names = adata.obs_names
                 members = members[~names[members].isin(metrics["forget_val_names"])]
                 nonmembers = nonmembers[~names[nonmembers].isin(metrics["nonmember_val_names"])]
-                row_band = band_on(members, nonmembers)
+                row_refs = band_on(members, nonmembers)
             exact = method in EXACT or metrics.get("accepted_method") in EXACT
-            rows.append(row(name, s, m, seconds, members, nonmembers, row_band, exact))
+            rows.append(row(name, s, m, seconds, members, nonmembers, row_refs, exact))
             rows[-1]["accepted_method"] = metrics.get("accepted_method")
             rows[-1]["attempts"] = [
                 f"{a['method']}: {'accepted' if a.get('accepted') else 'rejected'} "
@@ -312,7 +318,7 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
                 rows[-1]["attempts"].insert(0, f"skipped: {metrics['skipped_approximate']}")
             # time spent obtaining the reference pool inside the request (a cache load here)
             rows[-1]["reference_s"] = metrics.get("reference_seconds", 0.0)
-            kept[(name, s)] = (m, members, nonmembers, row_band)
+            kept[(name, s)] = (m, members, nonmembers, row_refs)
         _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
               retrain_s, target_s, pools_s, partial=True)  # fmt: skip
 
@@ -322,7 +328,7 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         key = (r["method"], r.get("seed"))
         if r.get("overall") != su.audit.FORGOTTEN or key not in kept:
             continue
-        m, members, nonmembers, row_band = kept[key]
+        m, members, nonmembers, row_refs = kept[key]
         again = su.model.clone_model(m)
         rest = np.setdiff1d(np.arange(adata.n_obs), retain)
         again.train(
@@ -332,8 +338,9 @@ def run_cell(adata, dataset, forget_type, args, out: Path) -> dict:
         )  # fmt: skip
         result, _ = lira(again, members, nonmembers)
         r["relearn_auc"] = result.auc
-        detectable = su.audit.detectable_auc(members.size, nonmembers.size, row_band[1])
-        r["relearn_verdict"] = su.audit.judge(result.auc_ci, row_band, detectable)
+        r["relearn_verdict"] = su.audit.paired_verdict(
+            result.auc, row_refs, members.size, nonmembers.size
+        )[0]
     return _save(out, dataset, forget_type, args, rows, band, fisher_trials, alpha,
                  retrain_s, target_s, pools_s, partial=False)  # fmt: skip
 
@@ -347,7 +354,7 @@ def _save(out, dataset, forget_type, args, rows, band, trials, alpha, retrain_s,
         "times": {"retrain_mean_s": retrain_s, "target_s": target_s,
                   "reference_pool_one_time_s": pool_s,
                   "grouped_reference_pool_one_time_s": grouped_pool_s},
-        "rows": rows, "settings": vars(args), "partial": partial,
+        "rows": rows, "settings": {**vars(args), "verdict_rule": "paired"}, "partial": partial,
     }  # fmt: skip
     suffix = ".partial.json" if partial else ".json"
     path = out / "cells" / f"{dataset}_{forget_type}_{args.target}{suffix}"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import norm
+from scipy.stats import t as t_dist
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -44,8 +45,9 @@ MAX_UTILITY_LOSS = 0.05
 #: Level and power of the detectable-AUC calculation.
 ALPHA = 0.05
 POWER = 0.8
-#: Fewer reference models than this give a pooled bootstrap interval, not a mean +- 2 SD band.
-MIN_MODELS_FOR_SPREAD = 3
+#: The paired verdict needs this many reference models to estimate their spread; fewer are
+#: refused by the audit (with none, the OUT shadow models supply a pooled interval instead).
+MIN_REFERENCE_MODELS = 3
 
 
 def auc_null_se(n_members: int, n_nonmembers: int) -> float:
@@ -77,25 +79,42 @@ def detectable_auc(
     reference: float = 0.5,
     alpha: float = ALPHA,
     power: float = POWER,
+    n_references: int = 0,
+    reference_sd: float | None = None,
 ) -> float:
     """The smallest AUC an audit of this size would call a leak with probability ``power``.
 
-    Solves ``a - z(1 - alpha/2) * SE0 - z(power) * SE(a) = reference`` for ``a``, with ``SE0``
-    the AUC's standard error under no membership signal (:func:`auc_null_se`) and ``SE(a)``
-    Hanley & McNeil's at ``a`` (:func:`auc_se`): the usual sample-size formula for comparing an
-    AUC with a fixed value (Obuchowski 1998). ``reference`` is the top of the reference band
-    (0.5 without one). Returns ``inf`` when no AUC up to 1 is detectable.
+    Against a fixed value (``n_references=0``: chance, or the top of the OUT shadows' pooled
+    interval), it solves ``a - z(1 - alpha/2) * SE0 - z(power) * SE(a) = reference`` for ``a``,
+    with ``SE0`` the AUC's standard error under no membership signal (:func:`auc_null_se`) and
+    ``SE(a)`` Hanley & McNeil's at ``a`` (:func:`auc_se`): the usual sample-size formula for
+    comparing an AUC with a fixed value (Obuchowski 1998).
+
+    Against ``n_references`` (at least :data:`MIN_REFERENCE_MODELS`) reference models scored on
+    the same cells (the paired rule of :func:`reference_band`), ``reference`` is their mean AUC
+    and the answer is ``reference + SD sqrt(1 + 1/K) (t(K - 1; 1 - alpha/2) + z(power))``: the
+    audited model's AUC varies around its expectation by the models' spread ``SD``, which the
+    band must clear. ``reference_sd`` is that spread; without it the worst case is used, models
+    whose scores on the cells are uncorrelated (``SD = SE0``). Returns ``inf`` when no AUC up to
+    1 is detectable.
 
     Examples
     --------
     >>> round(detectable_auc(60, 60), 3)
     0.646
+    >>> round(detectable_auc(60, 60, n_references=8), 3)  # 8 retrains, worst-case spread
+    0.68
     >>> detectable_auc(5, 5) > 0.75  # pbmc3k's Platelets cannot show a leak
     True
     """
     n1, n2 = _check_sizes(n_members, n_nonmembers)
     z_alpha, z_power = norm.ppf(1 - alpha / 2), norm.ppf(power)
     se0 = auc_null_se(n1, n2)
+    if n_references:
+        k = _check_references(n_references)
+        sd = se0 if reference_sd is None else max(float(reference_sd), 1.0 / (n1 * n2))
+        found = reference + sd * np.sqrt(1 + 1 / k) * (t_dist.ppf(1 - alpha / 2, k - 1) + z_power)
+        return float(found) if found <= 1.0 else float("inf")
 
     def gap(a: float) -> float:
         return a - z_alpha * se0 - z_power * auc_se(a, n1, n2) - reference
@@ -111,45 +130,112 @@ def detectable_auc(
 
 def reference_band(
     aucs: Sequence[float],
-    auc_cis: Sequence[tuple[float, float]] | None = None,
+    level: float = 1 - ALPHA,
     pooled_interval: tuple[float, float] | None = None,
+    min_sd: float = 0.0,
 ) -> tuple[float, float]:
-    """The AUCs expected from models that never trained on the audited cells.
+    """The AUCs one more model that never trained on the audited cells may have.
 
-    With ``MIN_MODELS_FOR_SPREAD`` or more reference models (e.g. retrain seeds):
-    ``mean +- 2 * sqrt(SD^2 + mean(SE^2))`` of their AUCs, the SD over models and the SE each
-    AUC's sampling error on these cells (from its 95% CI, ``(high - low) / 3.92``; zero when no
-    CIs are given). Folding in the SE keeps a band from collapsing to a point when a few models
-    tie on a few cells. With fewer models, ``pooled_interval`` (the pooled AUC's bootstrap
-    interval, :func:`~scvi_unlearn.audit.pooled_reference_interval`) is the band; without it,
-    a single model gives ``AUC +- 2 SE``. Clipped to [0, 1]; ``(nan, nan)`` if there is nothing.
+    The paired rule, for :data:`MIN_REFERENCE_MODELS` or more reference models (e.g. retrain
+    seeds) scored on the *same* cells as the audited model: ``mean +- t(K - 1; (1 + level)/2)
+    * SD * sqrt(1 + 1/K)`` of their ``K`` AUCs, the prediction interval of one more model
+    exchangeable with them (Student's t, as the mean and SD are estimated from ``K`` models).
+    The cells' sampling error is shared by every model scored on them, so it is in neither the
+    spread nor the band: what the band measures is how much models differ on these cells. The
+    audited model's point AUC is compared with it (:func:`judge`); ``min_sd`` floors the SD
+    (the audit uses the AUC's resolution, ``1 / (n1 n2)``) so that tied references do not give
+    a band of width zero.
+
+    With fewer models, ``pooled_interval`` (the pooled AUC's bootstrap interval of the OUT
+    shadow models, :func:`~scvi_unlearn.audit.pooled_reference_interval`) is the band. Clipped to
+    [0, 1]; ``(nan, nan)`` if there is nothing.
+
+    Raises
+    ------
+    ValueError
+        One or two reference AUCs and no pooled interval: two models cannot estimate a spread.
 
     Examples
     --------
-    >>> reference_band([0.5, 0.52, 0.48])
-    (0.46, 0.54)
+    >>> [round(v, 3) for v in reference_band([0.5, 0.52, 0.48])]  # t(2) = 4.30: few models
+    [0.401, 0.599]
     >>> reference_band([], pooled_interval=(0.45, 0.56))
     (0.45, 0.56)
     """
     a = np.asarray(list(aucs), dtype=float)
-    keep = np.isfinite(a)
-    se = np.zeros(a.size)
-    if auc_cis is not None:
-        cis = np.asarray(list(auc_cis), dtype=float).reshape(-1, 2)
-        if cis.shape[0] != a.size:
-            raise ValueError(f"Got {a.size} AUCs but {cis.shape[0]} confidence intervals.")
-        se = (cis[:, 1] - cis[:, 0]) / (2 * norm.ppf(0.975))
-        keep &= np.isfinite(se)
-    a, se = a[keep], se[keep]
-    if a.size < MIN_MODELS_FOR_SPREAD and pooled_interval is not None:
-        low, high = (float(v) for v in pooled_interval)
-    elif a.size == 0:
-        return (float("nan"), float("nan"))
-    else:
-        spread = float(np.var(a, ddof=1)) if a.size > 1 else 0.0
-        half = 2.0 * float(np.sqrt(spread + float(np.mean(se**2))))
-        low, high = float(a.mean()) - half, float(a.mean()) + half
+    a = a[np.isfinite(a)]
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    if a.size < MIN_REFERENCE_MODELS:
+        if pooled_interval is not None:
+            low, high = (float(v) for v in pooled_interval)
+            return (round(max(low, 0.0), 12), round(min(high, 1.0), 12))
+        if a.size == 0:
+            return (float("nan"), float("nan"))
+        _check_references(a.size)
+    k = a.size
+    sd = max(float(np.std(a, ddof=1)), float(min_sd))
+    half = float(t_dist.ppf(0.5 + level / 2, k - 1) * sd * np.sqrt(1 + 1 / k))
+    low, high = float(a.mean()) - half, float(a.mean()) + half
     return (round(max(low, 0.0), 12), round(min(high, 1.0), 12))
+
+
+def paired_verdict(
+    auc: float,
+    reference_aucs: Sequence[float],
+    n_members: int,
+    n_nonmembers: int,
+    n_attacks: int = 1,
+) -> tuple[str, str, tuple[float, float], tuple[float, float], float]:
+    """Judge an AUC against reference models scored on the same cells (the paired rule).
+
+    Returns ``(verdict, family_verdict, band, family_band, detectable)``: the verdict of the
+    attack alone (band at 95%), the one combined into the overall verdict (band at
+    :func:`family_level` of ``n_attacks``), both bands, and the detectable AUC
+    (:func:`detectable_auc` with the references' own spread).
+
+    Examples
+    --------
+    >>> paired_verdict(0.66, [0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 0.53, 0.47], 60, 60)[0]
+    'leak'
+    """
+    n1, n2 = _check_sizes(n_members, n_nonmembers)
+    refs = np.asarray(list(reference_aucs), dtype=float)
+    refs = refs[np.isfinite(refs)]
+    k = _check_references(refs.size)
+    resolution = 1.0 / (n1 * n2)
+    band = reference_band(refs, min_sd=resolution)
+    family_band = reference_band(refs, level=family_level(n_attacks), min_sd=resolution)
+    sd = max(float(np.std(refs, ddof=1)), resolution)
+    detectable = detectable_auc(
+        n1, n2, reference=float(refs.mean()), n_references=k, reference_sd=sd
+    )
+    point = (float(auc), float(auc))
+    return (
+        judge(point, band, detectable),
+        judge(point, family_band, detectable),
+        band,
+        family_band,
+        detectable,
+    )
+
+
+def sampling_band(
+    aucs: Sequence[float], auc_cis: Sequence[tuple[float, float]]
+) -> tuple[float, float]:
+    """The earlier band rule, kept to compare the rules on the same audits.
+
+    ``mean +- 2 sqrt(SD^2 + mean SE^2)`` of the reference AUCs, SE from each 95% CI, against
+    which the audited AUC's *CI* was judged. On reference models scored on the same cells the
+    cells' sampling error enters the SD, the SE and the audited CI alike; the calibration
+    benchmark measures what that costs (:ref:`methods-verdict`).
+    """
+    a = np.asarray(list(aucs), dtype=float)
+    cis = np.asarray(list(auc_cis), dtype=float).reshape(-1, 2)
+    se = (cis[:, 1] - cis[:, 0]) / (2 * norm.ppf(0.975))
+    spread = float(np.var(a, ddof=1)) if a.size > 1 else 0.0
+    half = 2.0 * float(np.sqrt(spread + float(np.mean(se**2))))
+    return (max(float(a.mean()) - half, 0.0), min(float(a.mean()) + half, 1.0))
 
 
 def judge(
@@ -168,7 +254,9 @@ def judge(
       ``max_detectable`` (``detectable``, from :func:`detectable_auc`);
     - ``"no evidence of leak"``: otherwise.
 
-    Without a band (NaN) the comparison is with chance, 0.5.
+    Without a band (NaN) the comparison is with chance, 0.5. Against reference models'
+    prediction band (the paired rule) pass the point AUC as ``(auc, auc)``: its sampling error
+    is already in the band (:func:`paired_verdict`).
 
     Examples
     --------
@@ -280,6 +368,17 @@ def overall_result(
     if privacy_verdict == UNDERPOWERED:
         return NOT_JUDGED
     return FORGOTTEN if utility_kept else UTILITY_LOST
+
+
+def _check_references(n_references) -> int:
+    k = int(n_references)
+    if k < MIN_REFERENCE_MODELS:
+        raise ValueError(
+            f"The verdict against reference models needs at least {MIN_REFERENCE_MODELS} of them "
+            f"(e.g. retrain seeds) to measure how much models differ; got {k}. Train more "
+            "retrain seeds, or pass none to judge against the OUT shadow models."
+        )
+    return k
 
 
 def _check_sizes(n_members, n_nonmembers) -> tuple[int, int]:

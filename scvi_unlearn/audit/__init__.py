@@ -6,6 +6,7 @@ from scvi_unlearn._verdict import (
     LEAK,
     MAX_DETECTABLE_AUC,
     MAX_UTILITY_LOSS,
+    MIN_REFERENCE_MODELS,
     NO_EVIDENCE,
     OVERALL_RESULTS,
     UNDERPOWERED,
@@ -17,6 +18,7 @@ from scvi_unlearn._verdict import (
     family_level,
     judge,
     overall_result,
+    paired_verdict,
     reference_band,
 )
 from scvi_unlearn.audit._attacks import (
@@ -38,7 +40,7 @@ from scvi_unlearn.audit._metrics import (
     pooled_reference_interval,
     tpr_at_fpr,
 )
-from scvi_unlearn.audit._report import AttackResult, AuditReport
+from scvi_unlearn.audit._report import AttackResult, AuditReport, judge_against
 from scvi_unlearn.audit._shadows import (
     ShadowPool,
     balanced_membership,
@@ -66,6 +68,7 @@ __all__ = [
     "LOSS_FEATURE",
     "MAX_DETECTABLE_AUC",
     "MAX_UTILITY_LOSS",
+    "MIN_REFERENCE_MODELS",
     "NO_EVIDENCE",
     "OVERALL_RESULTS",
     "SCALAR_FEATURES",
@@ -98,10 +101,12 @@ __all__ = [
     "group_codes",
     "group_test",
     "judge",
+    "judge_against",
     "lira_scores",
     "loss_scores",
     "most_seeds",
     "overall_result",
+    "paired_verdict",
     "per_cell_loss_terms",
     "pooled_reference_interval",
     "reference_band",

@@ -20,7 +20,7 @@ from scvi_unlearn._validation import (
     check_genes_match,
     check_trained,
 )
-from scvi_unlearn._verdict import MIN_MODELS_FOR_SPREAD, reference_band
+from scvi_unlearn._verdict import _check_references, reference_band
 from scvi_unlearn.audit._attacks import (
     ATTACKS,
     SHADOW_ATTACKS,
@@ -48,8 +48,6 @@ from scvi_unlearn.audit._groups import (
 )
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
-    bootstrap_metrics,
-    percentile_ci,
     pooled_reference_interval,
 )
 from scvi_unlearn.audit._report import AuditReport, score_attack
@@ -266,8 +264,11 @@ class MembershipInference:
         nonmembers
             Cells from the same population the model never trained on.
         reference_models
-            Models that never trained on ``members`` (e.g. retrain seeds). Their AUCs on the same
-            contrast form the reference band; without them the OUT shadow models supply it.
+            At least three models that never trained on ``members`` or ``nonmembers`` (e.g.
+            retrain seeds). They are scored on the same cells, and the audited AUC is judged
+            against their prediction band (the paired rule,
+            :func:`~scvi_unlearn.audit.reference_band`); without them the OUT shadow models
+            supply a pooled interval.
         attacks
             Subset of the attacks given at construction.
         n_bootstrap
@@ -283,6 +284,8 @@ class MembershipInference:
         shadows = self._require_fit(attacks)
         cells = np.r_[members_idx, nonmembers_idx]
         is_member = np.r_[np.ones(members_idx.size, bool), np.zeros(nonmembers_idx.size, bool)]
+        if reference_models:  # one or two cannot measure the spread the paired verdict needs
+            _check_references(len(reference_models))
         feats = self._features(model, cells)
         refs = [
             self._features(m, cells, role=f"reference model {i}")
@@ -603,33 +606,30 @@ class MembershipInference:
     def _reference(self, attack, refs, cells, is_member, n_bootstrap):
         """The attack on the same contrast under models that never trained on the cells.
 
-        Returns the per-model AUCs, a description, and the reference band
-        (:func:`~scvi_unlearn.audit.reference_band`): the spread over three or more reference
-        models (the retrain band), otherwise the pooled AUC's bootstrap interval (OUT shadow
-        models, or one or two reference models).
+        Returns the per-model AUCs, a description, and the OUT shadows' pooled interval (None
+        for reference models: their band is the paired rule of
+        :func:`~scvi_unlearn.audit.reference_band`, computed at each verdict's level).
         """
-        pairs = []
         if refs:
+            aucs = []
             for ref_feats in refs:
                 s = self._scores(attack, ref_feats, cells, is_member)
-                pairs.append((s[is_member], s[~is_member]))
-            source = f"{len(refs)} reference models"
-        elif self.shadows_ is not None:
-            pairs = self._shadow_reference_scores(attack, cells, is_member)
-            source = f"{len(pairs)} OUT shadow models, pooled"
+                aucs.append(float(auc_from_scores(s[is_member], s[~is_member])))
+            return aucs, f"{len(refs)} reference models", None
+        if self.shadows_ is None:
+            return [], "", None
+        pairs = self._shadow_reference_scores(attack, cells, is_member)
         if not pairs:
             return [], "", None
         aucs = [float(auc_from_scores(m, n)) for m, n in pairs]
-        if refs and len(refs) >= MIN_MODELS_FOR_SPREAD:
-            cis = [
-                percentile_ci(bootstrap_metrics(m, n, n_bootstrap, self.seed, fprs=())["auc"])
-                for m, n in pairs
-            ]
-            return aucs, source, reference_band(aucs, cis)
         _, low, high = pooled_reference_interval(
             [m for m, _ in pairs], [n for _, n in pairs], n_bootstrap=n_bootstrap, seed=self.seed
         )
-        return aucs, source, reference_band([], pooled_interval=(low, high))
+        return (
+            aucs,
+            f"{len(pairs)} OUT shadow models, pooled",
+            reference_band([], pooled_interval=(low, high)),
+        )
 
     def _shadow_reference_scores(self, attack, cells, is_member) -> list:
         """The attack's scores when membership is absent.

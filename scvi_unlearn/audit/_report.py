@@ -13,12 +13,15 @@ from scvi_unlearn._verdict import (
     BELOW_REFERENCE,
     LEAK,
     MAX_DETECTABLE_AUC,
+    MIN_REFERENCE_MODELS,
     NO_EVIDENCE,
     UNDERPOWERED,
+    _check_references,
     combine_verdicts,
     detectable_auc,
     family_level,
     judge,
+    paired_verdict,
     reference_band,
 )
 from scvi_unlearn.audit._certificate import write_certificate
@@ -31,6 +34,8 @@ from scvi_unlearn.audit._metrics import (
 from scvi_unlearn.pl import roc_curves
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from matplotlib.axes import Axes
 
 #: FPRs at which every report states the TPR (where its non-members can measure it).
@@ -43,9 +48,13 @@ class AttackResult:
 
     ``reference_aucs`` are the same attack's AUCs on the same contrast (audited members vs
     non-members) under models that never trained on either set; their band is what the audited
-    model is compared with, not 0.5. ``detectable_auc`` is the smallest AUC this audit would
-    have called a leak (80% power, :func:`~scvi_unlearn.audit.detectable_auc`); a TPR at an FPR
-    below ``1 / n_nonmembers`` is NaN: that few non-members cannot measure it.
+    model is compared with, not 0.5. With reference models (``paired``) the band is their
+    prediction interval on these cells and the audited *point* AUC is judged against it
+    (``reference_interval`` at 95%, ``reference_interval_family`` at the family level); with the
+    OUT shadows' pooled interval the audited AUC's CI must clear it. ``detectable_auc`` is the
+    smallest AUC this audit would have called a leak (80% power,
+    :func:`~scvi_unlearn.audit.detectable_auc`); a TPR at an FPR below ``1 / n_nonmembers`` is
+    NaN: that few non-members cannot measure it.
     """
 
     attack: str
@@ -66,6 +75,8 @@ class AttackResult:
     detectable_auc: float = float("nan")
     auc_ci_family: tuple[float, float] | None = None
     family_verdict: str | None = None
+    reference_interval_family: tuple[float, float] | None = None
+    paired: bool = False
 
     @property
     def n_members(self) -> int:
@@ -95,13 +106,16 @@ class AttackResult:
         """
         if self.reference_interval is not None:
             return (float(self.reference_interval[0]), float(self.reference_interval[1]))
+        if len(self.reference_aucs) < MIN_REFERENCE_MODELS:
+            return (float("nan"), float("nan"))
         return reference_band(self.reference_aucs)
 
     @property
     def excess(self) -> float:
-        """How far the AUC's lower CI bound lies above the reference band; negative inside it."""
+        """How far the AUC (paired) or its lower CI bound lies above the band; negative inside."""
         high = self.reference_band[1]
-        return float(self.auc_ci[0] - (0.5 if np.isnan(high) else high))
+        judged = self.auc if self.paired else self.auc_ci[0]
+        return float(judged - (0.5 if np.isnan(high) else high))
 
 
 def score_attack(
@@ -147,6 +161,15 @@ def score_attack(
         reference_interval=reference_interval,
         auc_ci_family=percentile_ci(boot["auc"], level=family_level(n_attacks)),
     )
+    if reference_interval is None and len(reference_aucs) >= MIN_REFERENCE_MODELS:
+        # The references were scored on these very cells: the paired rule.
+        verdict, family, band, family_band, detectable = paired_verdict(
+            auc, reference_aucs, m.size, n.size, n_attacks=n_attacks
+        )
+        result.paired = True
+        result.reference_interval, result.reference_interval_family = band, family_band
+        result.detectable_auc, result.verdict, result.family_verdict = detectable, verdict, family
+        return result
     band = result.reference_band
     top = band[1] if np.isfinite(band[1]) else 0.5
     result.detectable_auc = detectable_auc(m.size, n.size, reference=max(top, 0.5))
@@ -199,15 +222,21 @@ class AuditReport:
         r = (
             self.strongest
             if self.verdict != BELOW_REFERENCE
-            else min(self.results.values(), key=lambda x: x.auc_ci[1] - x.reference_band[0])
+            else min(self.results.values(), key=lambda x: x.auc - x.reference_band[0])
         )
         low, high = r.reference_band
-        ref = (
-            f"models that never trained on these cells score {low:.3f}-{high:.3f} "
-            f"({r.reference_source})"
-            if not np.isnan(low)
-            else "no reference models were available, so the comparison is with chance (0.5)"
-        )
+        if np.isnan(low):
+            ref = "no reference models were available, so the comparison is with chance (0.5)"
+        elif r.paired:
+            ref = (
+                f"one more model that never trained on these cells would score {low:.3f}-"
+                f"{high:.3f} (the prediction band of {r.reference_source} on the same cells)"
+            )
+        else:
+            ref = (
+                f"models that never trained on these cells score {low:.3f}-{high:.3f} "
+                f"({r.reference_source})"
+            )
         stats = f"{r.attack} AUC {r.auc:.3f} [95% CI {r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}]"
         n = (
             f"{self.metadata.get('n_members', '?')} members vs "
@@ -321,6 +350,7 @@ class AuditReport:
                 "tpr_at_01pct_fpr_ci",
                 "reference_interval",
                 "auc_ci_family",
+                "reference_interval_family",
             ):
                 if r.get(key) is not None:
                     r[key] = tuple(r[key])
@@ -355,14 +385,15 @@ class AuditReport:
 
 
 #: AttackResult fields whose JSON null means "absent", not NaN.
-_OPTIONAL = ("reference_interval", "auc_ci_family", "family_verdict")
+_OPTIONAL = ("reference_interval", "auc_ci_family", "family_verdict", "reference_interval_family")
 
 
 def _family_verdict(result: AttackResult) -> str:
     """The attack's verdict at the family level (reports saved before 0.4 lack it)."""
     if result.family_verdict is not None:
         return result.family_verdict
-    return judge(result.auc_ci, result.reference_band, result.detectable_auc)
+    judged = (result.auc, result.auc) if result.paired else result.auc_ci
+    return judge(judged, result.reference_band, result.detectable_auc)
 
 
 def _nan_for_null(value):
@@ -372,3 +403,86 @@ def _nan_for_null(value):
     if isinstance(value, list):
         return [float("nan") if v is None else v for v in value]
     return value
+
+
+def judge_against(
+    report: AuditReport, references: Sequence[AuditReport], n_bootstrap: int = 1000
+) -> AuditReport:
+    """Judge an audit against reference models that were audited separately (the paired rule).
+
+    The same verdict as ``MembershipInference.audit(model, ..., reference_models=...)``, for
+    when the reference models (e.g. retrain seeds) were audited on their own: each attack's AUC
+    is judged against the references' AUCs of the same attack (:func:`paired_verdict`).
+
+    Parameters
+    ----------
+    report
+        The audit of the model under test.
+    references
+        At least :data:`~scvi_unlearn.audit.MIN_REFERENCE_MODELS` audits of reference models,
+        made by the same ``MembershipInference`` (same shadows, seed and recipe) on the *same*
+        members and non-members, in the same order.
+    n_bootstrap
+        Bootstrap replicates for the audited model's CIs.
+
+    Returns
+    -------
+    A new :class:`AuditReport`; ``report`` is not modified.
+
+    Raises
+    ------
+    ValueError
+        Too few references, a reference audited on other cells or by another audit set-up, or
+        no attack common to all of them.
+    """
+    _check_references(len(references))
+    cells = _audited_cells(report)
+    for i, ref in enumerate(references):
+        if _audited_cells(ref) != cells:
+            raise ValueError(
+                f"Reference audit {i} was made on other cells than the audited model's: a paired "
+                "comparison needs the same members and non-members, in the same order. Audit "
+                "every model with the same `members` and `nonmembers`."
+            )
+        for key in ("seed", "n_shadows", "recipe"):
+            if ref.metadata.get(key) != report.metadata.get(key):
+                raise ValueError(
+                    f"Reference audit {i} was made by another audit set-up (its {key!r} "
+                    "differs): the attacks must be calibrated by the same shadow models. Audit "
+                    "every model with the same `MembershipInference`."
+                )
+    attacks = [a for a in report.results if all(a in ref.results for ref in references)]
+    if not attacks:
+        raise ValueError("The audited model and the references share no attack.")
+    results = {}
+    for attack in attacks:
+        r = report.results[attack]
+        results[attack] = score_attack(
+            attack,
+            np.asarray(r.member_scores),
+            np.asarray(r.nonmember_scores),
+            [ref.results[attack].auc for ref in references],
+            f"{len(references)} reference models (audited separately)",
+            n_bootstrap=n_bootstrap,
+            seed=int(report.metadata.get("seed", 0)),
+            n_attacks=len(attacks),
+        )
+    metadata = {**report.metadata, "n_reference_models": len(references)}
+    metadata["fingerprints"] = {
+        **report.metadata.get("fingerprints", {}),
+        "reference_models": [
+            ref.metadata.get("fingerprints", {}).get("model_weights") for ref in references
+        ],
+    }
+    return AuditReport(results=results, metadata=metadata)
+
+
+def _audited_cells(report: AuditReport) -> tuple:
+    """What identifies a report's audited cells: their fingerprints, else their names."""
+    prints = report.metadata.get("fingerprints") or {}
+    if prints.get("members") and prints.get("nonmembers"):
+        return (prints["members"], prints["nonmembers"])
+    return (
+        tuple(report.metadata.get("member_names") or ()),
+        tuple(report.metadata.get("nonmember_names") or ()),
+    )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from scvi_unlearn._verdict import reference_band
+from scvi_unlearn._verdict import MIN_REFERENCE_MODELS, reference_band
 from scvi_unlearn.pl._utils import finish, new_axes, resolve_show
 
 if TYPE_CHECKING:
@@ -52,7 +52,9 @@ def method_comparison(
     Each row of ``table`` (one method, or one method and seed) is a point with its confidence
     interval as an error bar. Rows of the same method (e.g. several seeds) are spread
     horizontally. The band that exact unlearning reaches is shaded: ``band`` if given, else
-    mean ± 2 SD of the ``metric`` over the rows whose method is ``reference``. Success is
+    the prediction band of the ``metric`` over the rows whose method is ``reference`` (three or
+    more; :func:`~scvi_unlearn.audit.reference_band`, the rule of the audit's verdict, which
+    assumes the rows were scored on the same cells). Success is
     judged against that band, not against chance (drawn dashed for orientation).
 
     Parameters
@@ -135,12 +137,9 @@ def method_comparison(
     values = pd.to_numeric(data[metric], errors="coerce")
     if band is None and reference in methods:
         is_ref = (data[method_col].astype(str) == reference).to_numpy() & values.notna().to_numpy()
-        if is_ref.any():
-            cis = None
-            if low_col is not None and high_col is not None:
-                cis = data.loc[is_ref, [low_col, high_col]].to_numpy(float)
+        if is_ref.sum() >= MIN_REFERENCE_MODELS:
             # The library's one band rule, so the plot and report.verdict agree.
-            band = reference_band(values[is_ref].to_numpy(float), cis)
+            band = reference_band(values[is_ref].to_numpy(float))
             band_label = f"{reference} band (n={int(is_ref.sum())})"
     else:
         band_label = f"{reference} band" if reference in methods else "reference band"

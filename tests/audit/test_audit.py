@@ -58,19 +58,43 @@ def test_reference_models_supply_the_band(overfit_case):
     # A model trained on the other 60 held-out cells never saw the audited cells: a reference.
     rest = held[40:]
     split = su.data.MembershipSplit(train=rest, forget=rest, nonmember=train, heldout=train)
-    reference = train_target(adata, split, demo_recipe(max_epochs=30), seed=1)
+    references = [
+        train_target(adata, split, demo_recipe(max_epochs=30), seed=s) for s in (1, 2, 3)
+    ]
     with pytest.raises(ValueError, match="training set"):
         # the reference model trained on these `nonmembers`: an audit of it with them is refused
-        case["mi"].audit(reference, members=members, nonmembers=held[40:80])
+        case["mi"].audit(references[0], members=members, nonmembers=held[40:80])
+    with pytest.raises(ValueError, match="at least 3 of them"):
+        # one or two reference models cannot measure how much models differ
+        case["mi"].audit(case["model"], members, nonmembers, reference_models=references[:2])
     report = case["mi"].audit(
         case["model"],
         members=members,
         nonmembers=nonmembers,
-        reference_models=[reference],
+        reference_models=references,
         attacks=("loss", "lira_online"),
     )
-    assert report.results["loss"].reference_source == "1 reference models"
-    assert len(report.results["lira_online"].reference_aucs) == 1
+    lira = report.results["lira_online"]
+    assert report.results["loss"].reference_source == "3 reference models"
+    assert lira.paired and len(lira.reference_aucs) == 3
+    # The paired band: the references' prediction interval, judged with the point AUC.
+    assert lira.reference_band == su.audit.reference_band(lira.reference_aucs, min_sd=1 / 1600)
+    assert lira.verdict == "leak" and lira.auc > lira.reference_band[1]
+    # References audited separately on the same cells give the same paired verdict...
+    attacks = ("loss", "lira_online")
+    alone = [case["mi"].audit(r, members, nonmembers, attacks=attacks) for r in references]
+    own = case["mi"].audit(case["model"], members, nonmembers, attacks=attacks)
+    paired = su.audit.judge_against(own, alone)
+    for attack in attacks:
+        assert paired.results[attack].reference_aucs == report.results[attack].reference_aucs
+        assert paired.results[attack].family_verdict == report.results[attack].family_verdict
+    assert paired.verdict == report.verdict and own.results["loss"].paired is False
+    # ... and one audited on other cells is refused.
+    other = case["mi"].audit(references[2], members[1:], nonmembers, attacks=attacks)
+    with pytest.raises(ValueError, match="same members and non-members"):
+        su.audit.judge_against(own, [*alone[:2], other])
+    with pytest.raises(ValueError, match="at least 3 of them"):
+        su.audit.judge_against(own, alone[:2])
 
 
 @pytest.mark.parametrize("what", ["members", "nonmembers"])
@@ -87,7 +111,7 @@ def test_a_reference_model_that_trained_on_audited_cells_is_refused(overfit_case
     reference = train_target(adata, split, demo_recipe(max_epochs=2), seed=1)
     with pytest.raises(ValueError, match=rf"Reference model 0 trained on 5 of the 40 .*`{what}`"):
         case["mi"].audit(case["model"], members=members, nonmembers=nonmembers,
-                         reference_models=[reference], attacks=("loss",))  # fmt: skip
+                         reference_models=[reference] * 3, attacks=("loss",))  # fmt: skip
 
 
 # --- determinism ----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import t as t_dist
 
 import scvi_unlearn as su
+from scvi_unlearn._verdict import sampling_band
 from scvi_unlearn.audit import (
     auc_null_se,
     combine_verdicts,
@@ -75,16 +77,77 @@ def test_family_verdict_is_stricter_than_each_attack():
     assert AuditReport({"loss": r}).verdict == r.family_verdict
 
 
-def test_reference_band_rule():
-    low, high = reference_band([0.5, 0.52, 0.48], [(0.4, 0.6), (0.42, 0.62), (0.38, 0.58)])
-    se = 0.2 / (2 * 1.959964)
-    half = 2 * np.sqrt(np.var([0.5, 0.52, 0.48], ddof=1) + se**2)
-    assert (low, high) == pytest.approx((0.5 - half, 0.5 + half))
+def test_reference_band_is_the_prediction_interval_of_one_more_model():
+    aucs = [0.5, 0.52, 0.48, 0.51]
+    low, high = reference_band(aucs)
+    half = t_dist.ppf(0.975, 3) * np.std(aucs, ddof=1) * np.sqrt(1 + 1 / 4)
+    assert (low, high) == pytest.approx((np.mean(aucs) - half, np.mean(aucs) + half))
+    assert reference_band(aucs, level=0.99)[1] > high  # the family level widens it
     assert reference_band([0.9, 1.0, 1.0]) [1] == 1.0  # fmt: skip
     assert reference_band([0.5, 0.6], pooled_interval=(0.45, 0.55)) == (0.45, 0.55)
     assert all(np.isnan(reference_band([])))
-    with pytest.raises(ValueError, match="3 AUCs but 2"):
-        reference_band([0.5, 0.5, 0.5], [(0.4, 0.6)] * 2)
+    # Tied references: the floor keeps a band of non-zero width.
+    assert reference_band([0.5] * 3, min_sd=0.01)[1] > 0.5
+    with pytest.raises(ValueError, match="at least 3 of them"):
+        reference_band([0.5, 0.6])
+
+
+def _paired_audits(n_audits, shift, n=60, k=8, model_sd=0.5, seed=0):
+    """Simulated audits: per-cell scores = the cell's own score (shared by every model) plus
+    each model's noise; the audited model adds ``shift`` to its members' scores."""
+    rng = np.random.default_rng(seed)
+    cells = rng.normal(size=(n_audits, 1, 2 * n))
+    scores = cells + model_sd * rng.normal(size=(n_audits, k + 1, 2 * n))
+    scores[:, 0, :n] += shift
+    wins = scores[..., :n, None] > scores[..., None, n:]
+    aucs = wins.mean(axis=(-2, -1))  # (audits, models): model 0 is audited
+    out = [su.audit.paired_verdict(a[0], a[1:], n, n) for a in aucs]
+    gaps = aucs[:, 0] - aucs[:, 1:].mean(1)
+    needed = np.array([o[4] for o in out]) - aucs[:, 1:].mean(1)
+    return np.array([o[0] for o in out]), gaps, needed
+
+
+def test_paired_rule_holds_its_level_and_its_stated_power():
+    # Null: the audited model is one more model like the references. Two-sided 95%: a false
+    # "leak" in 2.5% of audits (the old sampling band: far fewer, as it counted the cells'
+    # sampling error three times).
+    verdicts, _, _ = _paired_audits(1500, shift=0.0)
+    assert 0.013 < np.mean(verdicts == "leak") < 0.04, np.mean(verdicts == "leak")
+    # detectable_auc: at the shift whose mean AUC gap equals the stated detectable gap, the
+    # rule calls a leak in about 80% of audits.
+    for shift in np.linspace(0.05, 0.6, 12):
+        verdicts, gaps, needed = _paired_audits(300, shift=shift, seed=1)
+        if gaps.mean() >= needed.mean():
+            break
+    assert 0.68 < np.mean(verdicts == "leak") < 0.95, (shift, np.mean(verdicts == "leak"))
+
+
+def test_paired_rule_decides_at_60_plus_60_with_8_retrains():
+    # Worst case for the paired rule: references as different from one another as the cells'
+    # sampling error allows (uncorrelated scores). The old rule needed about 0.78.
+    assert detectable_auc(60, 60, n_references=8) <= 0.70
+    assert detectable_auc(60, 60, n_references=8, reference_sd=0.02) < 0.6
+    assert detectable_auc(60, 60, n_references=3) > detectable_auc(60, 60, n_references=8)
+    with pytest.raises(ValueError, match="at least 3"):
+        detectable_auc(60, 60, n_references=2)
+
+
+def test_score_attack_uses_the_paired_rule_with_reference_models():
+    m, n = _null_scores(60, 60)
+    refs = [0.5, 0.51, 0.49, 0.5, 0.52, 0.48, 0.5, 0.5]
+    # The point AUC is compared with the prediction band, not its CI.
+    r = score_attack("loss", m + 0.5, n, refs, "8 reference models", n_bootstrap=200, n_attacks=6)
+    assert r.paired and r.verdict == "leak" and r.reference_band[1] < 0.56
+    # The earlier rule (the audited CI against mean +- 2 sqrt(SD^2 + SE^2)) would not have.
+    old = sampling_band(
+        refs, [(a - 1.96 * auc_null_se(60, 60), a + 1.96 * auc_null_se(60, 60)) for a in refs]
+    )
+    assert r.auc_ci[0] < old[1]
+    assert r.reference_interval_family[1] > r.reference_band[1]
+    report = AuditReport({"loss": r}, {"n_members": 60, "n_nonmembers": 60})
+    assert report.verdict == r.family_verdict
+    again = AuditReport.from_json(report.to_json())
+    assert again.results["loss"].paired and again.verdict == report.verdict == "leak"
 
 
 def test_judge_and_combine():
@@ -152,7 +215,7 @@ def test_reference_model_on_other_genes_is_refused_by_role(overfit_case, small_m
     with pytest.raises(ValueError, match=r"reference model 0: .*genes do not match"):
         case["mi"].audit(
             case["model"], members=case["train"][:20], nonmembers=case["held"][:20],
-            reference_models=[small_model], attacks=("loss",),
+            reference_models=[small_model] * 3, attacks=("loss",),
         )  # fmt: skip
 
 
