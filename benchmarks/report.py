@@ -174,12 +174,40 @@ RECORDS: dict[str, tuple[Record, ...]] = {
             notes="conclusion.md",
         ),
         Record(
+            "audit_power",
+            "Power per shadow model: LiRA's and RMIA's centre and variance",
+            "AUC and TPR at 1% / 0.1% FPR against 1, 2, 4, 8 and 16 shadows for LiRA (online, "
+            "offline) with a mean or median centre and pooled, per-cell or shrunk variances, and "
+            "RMIA with a mean or median centre; Kang and pbmc3k subsets of 2,000 cells, default "
+            "and memorising scVI, 16 shadows and 4 targets each.",
+            "python benchmarks/audit_power.py --datasets kang; "
+            "python benchmarks/audit_power.py --datasets pbmc3k",
+            (
+                Json(
+                    "rows",
+                    columns=(
+                        "combo",
+                        "k",
+                        "variant",
+                        "auc",
+                        "tpr_1pct",
+                        "tpr_01pct",
+                        "n_nonmembers",
+                    ),
+                    group=("combo",),
+                    caption="Pooled over targets and shadow subsets.",
+                ),
+            ),
+            notes="conclusion.md",
+        ),
+        Record(
             "audit_donors",
             "Donor-level audit (Kang, 8 donors)",
             "`audit_groups` on Kang's 8 donors (150 cells each, default scVI, 100 epochs): "
-            "models trained on all, 4 or 7 of the donors; each shadow audited against the "
-            "others.",
-            "python benchmarks/audit_donors.py",
+            "models trained on all or 4 of the donors and one leave-one-out model per donor "
+            "(never-seen-donor nulls), audited with the shadows `audit_groups` matches to them; "
+            "each shadow audited against the others.",
+            "python benchmarks/audit_donors.py --cells-per-donor 150",
             (Markdown(),),
         ),
         Record(

@@ -33,7 +33,11 @@ from scvi_unlearn.audit._certificate import write_certificate
 from scvi_unlearn.audit._features import attack_features
 from scvi_unlearn.audit._fingerprint import cells_sha256, counts_sha256, weights_sha256
 from scvi_unlearn.audit._groups import GroupAuditReport, group_codes, group_test
-from scvi_unlearn.audit._membership import DEFAULT_N_SHADOWS, MembershipInference
+from scvi_unlearn.audit._membership import (
+    DEFAULT_N_SHADOWS,
+    LIRA_VARIANCE,
+    MembershipInference,
+)
 from scvi_unlearn.audit._metrics import (
     auc_from_scores,
     bootstrap_metrics,
@@ -65,6 +69,7 @@ __all__ = [
     "DEFAULT_N_SHADOWS",
     "FORGOTTEN",
     "LEAK",
+    "LIRA_VARIANCE",
     "LOSS_FEATURE",
     "MAX_DETECTABLE_AUC",
     "MAX_UTILITY_LOSS",

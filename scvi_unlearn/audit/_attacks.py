@@ -46,18 +46,57 @@ def _gaussian_logpdf(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nda
     return -0.5 * (z * z + _LOG_2PI) - np.log(std)
 
 
-def _masked_moments(values: np.ndarray, mask: np.ndarray, fix_variance: bool):
-    """Per-cell mean over shadows where ``mask``; std per cell, or pooled over cells."""
-    count = mask.sum(0)
+#: Per-cell centres of the shadows' losses (:func:`lira_scores`, :func:`rmia_scores`).
+CENTRES: tuple[str, ...] = ("mean", "median")
+#: Per-cell spreads of the shadows' losses (:func:`lira_scores`).
+VARIANCES: tuple[str, ...] = ("pooled", "per_cell", "shrunk")
+#: Prior degrees of freedom of ``variance="shrunk"``: the pooled variance weighs as much as
+#: this many extra shadows in each cell's (empirical-Bayes, limma-style) variance.
+SHRINK_PRIOR_DF = 4.0
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _masked_centre(values: np.ndarray, mask: np.ndarray, centre: str) -> np.ndarray:
+    """Per-cell mean or median over the shadows where ``mask`` (NaN where none)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(mask, values, 0.0).sum(0) / count
-        resid = np.where(mask, values - mean, 0.0)
-        if fix_variance:
-            pooled = np.sqrt((resid**2).sum() / max(int(count.sum()) - 1, 1))
-            std = np.full(values.shape[1], pooled)
+        if centre == "median":
+            import warnings
+
+            with warnings.catch_warnings():  # all-NaN columns: cells without such shadows
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmedian(np.where(mask, values, np.nan), axis=0)
+        return np.where(mask, values, 0.0).sum(0) / mask.sum(0)
+
+
+def _masked_moments(values: np.ndarray, mask: np.ndarray, variance: str, centre: str = "mean"):
+    """Per-cell centre over shadows where ``mask``, and the spread around it.
+
+    ``variance``: ``"pooled"`` over all cells (TF-Privacy's fixed variance), ``"per_cell"``, or
+    ``"shrunk"``: each cell's variance pulled towards the pooled one,
+    ``(d_i s_i^2 + d0 s_pooled^2) / (d_i + d0)`` with ``d_i`` its degrees of freedom and
+    ``d0 = SHRINK_PRIOR_DF`` (Smyth 2004's moderated variance, with a fixed prior).
+    """
+    _check_choice("variance", variance, VARIANCES)
+    _check_choice("centre", centre, CENTRES)
+    count = mask.sum(0)
+    centre_values = _masked_centre(values, mask, centre)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resid = np.where(mask, values - centre_values, 0.0)
+        df = np.maximum(count - 1, 0)
+        # Over every (shadow, cell) value, as TF-Privacy and the package always have.
+        pooled = (resid**2).sum() / max(int(count.sum()) - 1, 1)
+        cell = (resid**2).sum(0) / np.maximum(df, 1)
+        if variance == "pooled":
+            var = np.full(values.shape[1], pooled)
+        elif variance == "per_cell":
+            var = cell
         else:
-            std = np.sqrt((resid**2).sum(0) / np.maximum(count - 1, 1))
-    return mean, np.maximum(std, 1e-8), count
+            var = (df * cell + SHRINK_PRIOR_DF * pooled) / (df + SHRINK_PRIOR_DF)
+    return centre_values, np.maximum(np.sqrt(var), 1e-8), count
 
 
 def lira_scores(
@@ -65,7 +104,8 @@ def lira_scores(
     shadow_loss: np.ndarray,
     in_mask: np.ndarray,
     online: bool = True,
-    fix_variance: bool = True,
+    variance: str = "pooled",
+    centre: str = "mean",
 ) -> np.ndarray:
     """Likelihood-ratio attack scores (Carlini et al. 2022).
 
@@ -80,9 +120,13 @@ def lira_scores(
     online
         Online: log N(loss; IN) - log N(loss; OUT) per cell. Offline: how far below the cell's
         OUT distribution the loss lies, in OUT standard deviations (only OUT shadows needed).
-    fix_variance
-        Pool the variance over cells (the fixed-variance variant of TF-Privacy's LiRA, which
-        Carlini et al. recommend with few shadows).
+    variance
+        ``"pooled"``: one variance over all cells (the fixed-variance variant of TF-Privacy's
+        LiRA, which Carlini et al. recommend with few shadows); ``"per_cell"``; ``"shrunk"``:
+        per-cell variances pulled towards the pooled one (:data:`SHRINK_PRIOR_DF`).
+    centre
+        ``"mean"`` or ``"median"`` of each cell's IN and OUT losses (the median is robust to
+        one odd shadow among few).
 
     Returns
     -------
@@ -100,11 +144,11 @@ def lira_scores(
     x = np.asarray(target_loss, dtype=float)
     values = np.asarray(shadow_loss, dtype=float)
     in_mask = np.asarray(in_mask, dtype=bool)
-    mu_out, sd_out, n_out = _masked_moments(values, ~in_mask, fix_variance)
+    mu_out, sd_out, n_out = _masked_moments(values, ~in_mask, variance, centre)
     if not online:
         score = (mu_out - x) / sd_out
         return np.where(n_out > 0, score, np.nan)
-    mu_in, sd_in, n_in = _masked_moments(values, in_mask, fix_variance)
+    mu_in, sd_in, n_in = _masked_moments(values, in_mask, variance, centre)
     score = _gaussian_logpdf(x, mu_in, sd_in) - _gaussian_logpdf(x, mu_out, sd_out)
     return np.where((n_in > 0) & (n_out > 0), score, np.nan)
 
@@ -116,6 +160,7 @@ def rmia_scores(
     population: np.ndarray,
     gamma: float = 1.0,
     online: bool = False,
+    centre: str = "mean",
 ) -> np.ndarray:
     """Relative membership-inference scores (RMIA; Zarifzadeh et al., ICML 2024).
 
@@ -151,6 +196,9 @@ def rmia_scores(
         Threshold on the pairwise ratio; 1 in the paper's offline setting.
     online
         Average over all reference models instead of the OUT ones only.
+    centre
+        ``"mean"``: ``Pr(x)`` is the mean likelihood over the reference models (the paper's);
+        ``"median"``: their median log-likelihood (robust to one odd model among few).
 
     Returns
     -------
@@ -170,8 +218,12 @@ def rmia_scores(
     values = -np.asarray(shadow_loss, dtype=float)
     use = np.ones_like(in_mask, dtype=bool) if online else ~np.asarray(in_mask, dtype=bool)
     count = use.sum(0)
-    with np.errstate(divide="ignore"):
-        log_px = logsumexp(values, axis=0, b=use.astype(float)) - np.log(np.maximum(count, 1))
+    _check_choice("centre", centre, CENTRES)
+    if centre == "median":
+        log_px = _masked_centre(values, use, "median")
+    else:
+        with np.errstate(divide="ignore"):
+            log_px = logsumexp(values, axis=0, b=use.astype(float)) - np.log(np.maximum(count, 1))
     log_lr = np.where(count > 0, x - log_px, np.nan)
     in_population = np.zeros(x.shape, bool)
     in_population[np.asarray(population)] = True

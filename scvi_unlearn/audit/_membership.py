@@ -64,6 +64,12 @@ logger = logging.getLogger(__name__)
 #: gave LiRA online 99% of the 16-shadow AUC (0.923 vs 0.935) and TPR at 1% FPR 0.48 vs 0.49,
 #: at half the cost; 4 gave 0.90 / 0.42; below 4 no reference band can be formed.
 DEFAULT_N_SHADOWS = 8
+#: Per-cell variance of each LiRA variant (:func:`~scvi_unlearn.audit.lira_scores`), chosen by
+#: ``benchmarks/results/audit_power``: shrunk variances gave offline LiRA at least the pooled
+#: variance's AUC and TPR at 1% FPR at every number of shadows on Kang and pbmc3k (TPR at 16
+#: shadows up to 0.56 vs 0.22); online LiRA lost a little AUC on Kang with them, so it keeps
+#: the pooled variance. The same curve did not let 4 shadows reach 8 shadows' power.
+LIRA_VARIANCE = {"lira_online": "pooled", "lira_offline": "shrunk"}
 
 _LOSS_COL = SCALAR_FEATURES.index(LOSS_FEATURE)
 
@@ -112,8 +118,10 @@ class MembershipInference:
         retrained without one withdrawn donor). The per-group test compares absolute losses,
         and a model trained on more groups than its shadows fits unseen groups better: with
         half-size shadows, a donor Kang's leave-one-out model never saw read as a leak
-        (``benchmarks/results/audit_donors``). ``n_shadows * groups_out`` must be a multiple
-        of the number of groups, at least twice it.
+        (``benchmarks/results/audit_donors``). :meth:`audit_groups` trains such matched
+        shadows itself when the audited model needs them; setting ``groups_out`` trains them
+        up front. ``n_shadows * groups_out`` must be a multiple of the number of groups, at
+        least twice it.
     executor
         Where the shadow fits run (:class:`~scvi_unlearn.Executor`: sequential, a local
         process pool or Ray); :func:`~scvi_unlearn.get_default_executor` by default. The same
@@ -204,6 +212,8 @@ class MembershipInference:
         self.executor = executor
         self.shadows_: ShadowPool | None = None
         self._classifier = None
+        #: Shadows matched to an audited model's number of groups, by groups left out.
+        self._matched: dict[int, ShadowPool] = {}
 
     def __repr__(self) -> str:
         state = "fitted" if self.shadows_ is not None else "not fitted"
@@ -233,6 +243,7 @@ class MembershipInference:
         )
         self.fit_seconds_ = time.perf_counter() - start
         self._classifier = None
+        self._matched = {}
         return self
 
     def _require_fit(self, attacks) -> ShadowPool | None:
@@ -352,7 +363,14 @@ class MembershipInference:
             "reference_models": [weights_sha256(m) for m in reference_models or []],
         }
 
-    def audit_groups(self, model, members=None, n_bootstrap: int = 1000) -> GroupAuditReport:
+    def audit_groups(
+        self,
+        model,
+        members=None,
+        n_bootstrap: int = 1000,
+        match_shadows: bool = True,
+        progress_bar: bool = True,
+    ) -> GroupAuditReport:
         """Donor-level (group-level) audit: was each group in ``model``'s training set?
 
         Needs ``group_key`` at construction (shadows trained on halves of the groups). Each
@@ -374,10 +392,26 @@ class MembershipInference:
             on), unknown otherwise.
         n_bootstrap
             Bootstrap replicates for the group-level AUC's CI.
+        match_shadows
+            The per-group test compares absolute losses, and a model trained on more groups
+            than its shadows fits the groups it never saw better, so they would read as leaks
+            (Kang, 7 of 8 donors against shadows on 4: p = 0.003). By default, when the model
+            trained on a different number of groups than the shadows, shadows that each leave
+            out as many groups as the model did (``groups_out``; at least one) are trained or
+            read from the cache, and the test uses them (``metadata["shadows"]``). With
+            ``False``, such a mismatch is an error instead.
+        progress_bar
+            Show progress while matched shadows train.
 
         Returns
         -------
         :class:`~scvi_unlearn.GroupAuditReport`
+
+        Raises
+        ------
+        ValueError
+            The model's training groups are unknown (pass ``members``), or they do not match
+            the shadows and ``match_shadows`` is ``False``.
         """
         if self.group_key is None:
             raise ValueError(
@@ -390,8 +424,10 @@ class MembershipInference:
         cells, codes, names = self.pool, self.group_codes_, self.group_names_
         n_groups = names.size
         loss = self._features(model, cells)[:, _LOSS_COL]
-        shadow_loss = self.shadows_.features[:, cells, _LOSS_COL]
-        in_share = group_means(self.shadows_.in_mask[:, cells].astype(float), codes, n_groups)
+        member, source = self._group_members(model, members, cells, codes, names)
+        shadows = self._matched_shadows(member, match_shadows, progress_bar)
+        shadow_loss = shadows.features[:, cells, _LOSS_COL]
+        in_share = group_means(shadows.in_mask[:, cells].astype(float), codes, n_groups)
         table = group_test(
             group_means(loss, codes, n_groups),
             group_means(shadow_loss, codes, n_groups),
@@ -399,15 +435,19 @@ class MembershipInference:
         )
         table.index = names
         table.insert(0, "n_cells", np.bincount(codes, minlength=n_groups))
-        member, source = self._group_members(model, members, cells, codes, names)
         table.insert(1, "member", member)
-        self._warn_size_mismatch(member, in_share > 0.5)
         auc = group_auc(table, n_bootstrap, self.seed)
         metadata = {
             "group_key": self.group_key,
             "n_groups": int(n_groups),
             "members_from": source,
-            "n_shadows": self.n_shadows,
+            "n_shadows": shadows.n_shadows,
+            "shadows": {
+                "n_shadows": shadows.n_shadows,
+                "groups_in": float((in_share > 0.5).sum(1).mean()),
+                "model_groups_in": int(np.sum(member.astype(bool))),
+                "matched": shadows is not self.shadows_,
+            },
             "seed": self.seed,
             "recipe": self.recipe.to_dict(),
             "auc_p_value": auc.get("auc_p_value"),
@@ -418,24 +458,50 @@ class MembershipInference:
         }
         return GroupAuditReport(self.group_key, table, auc["auc"], auc["auc_ci"], metadata)
 
-    def _warn_size_mismatch(self, member: np.ndarray, shadow_in: np.ndarray) -> None:
-        """Warn when the audited model trained on more (or fewer) groups than its shadows."""
-        known = np.array([m is not None for m in member])
-        if not known.all():
-            return
-        n_model = int(np.sum(member.astype(bool)))
-        n_shadow = float(shadow_in.sum(1).mean())
-        if abs(n_model - n_shadow) >= 1:
-            n_out = member.size - n_model
-            warnings.warn(
-                f"The audited model trained on {n_model} of {member.size} {self.group_key!r} "
-                f"groups, its shadows on {n_shadow:g} on average. The per-group test compares "
-                "absolute losses, and a model trained on more groups fits unseen ones better, "
-                "so its 'leak' verdicts on groups it never saw can be false. Match the shadows: "
-                f"MembershipInference(..., group_key={self.group_key!r}, groups_out={n_out}).",
-                UserWarning,
-                stacklevel=3,
+    def _matched_shadows(self, member: np.ndarray, match: bool, progress_bar: bool) -> ShadowPool:
+        """Shadows that trained on as many groups as the audited model (or an error why not)."""
+        if any(m is None for m in member):
+            raise ValueError(
+                f"Which {self.group_key!r} groups the model trained on is unknown (it does not "
+                "record its training cells), so its shadows cannot be matched to it: pass "
+                "`members=[...]`, the groups it trained on."
             )
+        n_groups = member.size
+        n_model = int(np.sum(member.astype(bool)))
+        shadow_in = group_means(
+            self.shadows_.in_mask[:, self.pool].astype(float), self.group_codes_, n_groups
+        )
+        if abs(n_model - float((shadow_in > 0.5).sum(1).mean())) < 1:
+            return self.shadows_
+        n_out = max(n_groups - n_model, 1)  # a model on every group: shadows on all but one
+        if self.groups_out == n_out:
+            return self.shadows_
+        if not match:
+            raise ValueError(
+                f"The audited model trained on {n_model} of {n_groups} {self.group_key!r} "
+                "groups, its shadows on a different number; groups it never saw would read as "
+                "leaks. Match the shadows: MembershipInference(..., "
+                f"group_key={self.group_key!r}, groups_out={n_out}), or match_shadows=True."
+            )
+        if n_out not in self._matched:
+            step = n_groups // int(np.gcd(n_out, n_groups))
+            least = max(self.n_shadows, -(-2 * n_groups // n_out))
+            n_shadows = -(-least // step) * step
+            self._matched[n_out] = train_shadow_pool(
+                self.adata,
+                self.recipe,
+                n_shadows,
+                self.pool,
+                self.seed,
+                self.cache_dir,
+                accelerator=self.accelerator,
+                devices=self.devices,
+                progress_bar=progress_bar,
+                groups=self.group_codes_,
+                groups_out=n_out,
+                executor=self.executor,
+            )
+        return self._matched[n_out]
 
     def _group_members(self, model, members, cells, codes, names):
         """Whether each group was a member of ``model``'s training set, and how we know."""
@@ -576,6 +642,7 @@ class MembershipInference:
                 shadow_feats[..., _LOSS_COL],
                 in_mask,
                 online=attack == "lira_online",
+                variance=LIRA_VARIANCE[attack],
             )
             if np.isnan(scores).any():
                 raise ValueError(

@@ -203,6 +203,34 @@ def test_lira_separates_in_from_out_and_offline_needs_only_out():
     assert np.isnan(lira_scores(target, shadow, none_out, online=False)).all()
 
 
+def test_lira_variance_and_centre_variants():
+    from scvi_unlearn.audit._attacks import SHRINK_PRIOR_DF, _masked_moments
+
+    rng = np.random.default_rng(2)
+    in_mask = balanced_membership(8, 30, seed=0)
+    # Cells whose spread differs: shrinking pulls each cell's variance towards the pooled one.
+    shadow = rng.normal(0, 1, (8, 30)) * np.linspace(0.2, 3, 30)
+    _, pooled, _ = _masked_moments(shadow, ~in_mask, "pooled")
+    _, cell, n = _masked_moments(shadow, ~in_mask, "per_cell")
+    _, shrunk, _ = _masked_moments(shadow, ~in_mask, "shrunk")
+    low, high = np.minimum(cell, pooled), np.maximum(cell, pooled)
+    assert ((shrunk >= low - 1e-12) & (shrunk <= high + 1e-12)).all()
+    df = n - 1
+    expected = (df * cell**2 + SHRINK_PRIOR_DF * pooled**2) / (df + SHRINK_PRIOR_DF)
+    np.testing.assert_allclose(shrunk, np.sqrt(expected))
+    # A median centre is robust to one odd shadow; with two values it is the mean.
+    odd = shadow.copy()
+    odd[np.argmax(~in_mask[:, 0]), 0] += 100.0
+    mean_c, _, _ = _masked_moments(odd, ~in_mask, "pooled", "mean")
+    median_c, _, _ = _masked_moments(odd, ~in_mask, "pooled", "median")
+    assert abs(median_c[0] - np.median(shadow[~in_mask[:, 0], 0])) < 5 < abs(mean_c[0])
+    with pytest.raises(ValueError, match="variance must be one of"):
+        lira_scores(shadow[0], shadow, in_mask, variance="fixed")
+    with pytest.raises(ValueError, match="centre must be one of"):
+        su.audit.rmia_scores(shadow[0], shadow, in_mask, np.arange(15), centre="mode")
+    assert su.audit.LIRA_VARIANCE == {"lira_online": "pooled", "lira_offline": "shrunk"}
+
+
 def test_balanced_membership_rejects_odd_counts():
     with pytest.raises(ValueError, match="even"):
         balanced_membership(3, 10, seed=0)

@@ -40,9 +40,13 @@ def test_shadows_train_on_whole_donors(donor_case):
 
 
 def test_left_out_donor_is_told_from_trained_donors(donor_case):
-    # 5 of 6 donors vs shadows on 3: the audit says the shadows do not match the model.
-    with pytest.warns(UserWarning, match=r"groups_out=1"):
-        report = donor_case["mi"].audit_groups(donor_case["target"])
+    # 5 of 6 donors vs shadows on 3: a mismatch is refused when matching is turned off...
+    with pytest.raises(ValueError, match=r"groups_out=1"):
+        donor_case["mi"].audit_groups(donor_case["target"], match_shadows=False)
+    # ... and by default the audit trains shadows on 5 of 6 donors too (each donor out twice).
+    report = donor_case["mi"].audit_groups(donor_case["target"], progress_bar=False)
+    shadows = report.metadata["shadows"]
+    assert shadows == {"n_shadows": 12, "groups_in": 5.0, "model_groups_in": 5, "matched": True}
     table, left_out = report.table, donor_case["left_out"]
     assert report.metadata["members_from"] == "recorded training cells"
     assert table.loc[left_out, "member"] == False  # noqa: E712 (object column)
@@ -57,14 +61,19 @@ def test_left_out_donor_is_told_from_trained_donors(donor_case):
     assert ((table["p_value"] >= 0) & (table["p_value"] <= 1)).all()
     # 5 members vs 1 non-member: no group-level AUC is measurable.
     assert np.isnan(report.auc)
+    # A model that records no training cells cannot be matched: the audit asks for them.
+    blind = su.model.clone_model(donor_case["target"])
+    blind.train_obs_names_, blind.train_indices = None, None
+    with pytest.raises(ValueError, match=r"pass `members=\[\.\.\.\]`"):
+        donor_case["mi"].audit_groups(blind)
 
 
 def test_group_report_round_trips(donor_case, tmp_path):
-    # 2 of 6 given as members vs shadows on 3: a size mismatch, warned about.
-    with pytest.warns(UserWarning, match="trained on 2 of 6"):
-        report = donor_case["mi"].audit_groups(
-            donor_case["target"], members=["donor_0", "donor_1"]
-        )
+    # 2 of 6 given as members vs shadows on 3: shadows that leave out 4 donors are matched.
+    report = donor_case["mi"].audit_groups(
+        donor_case["target"], members=["donor_0", "donor_1"], progress_bar=False
+    )
+    assert report.metadata["shadows"]["groups_in"] == 2.0
     assert report.table["member"].sum() == 2 and report.metadata["members_from"] == "given"
     # 2 vs 4 groups: an AUC with a stated (here: hopeless) power.
     assert np.isfinite(report.auc) and report.metadata["auc_verdict"] in su.audit.VERDICTS
