@@ -123,7 +123,7 @@ def lira_scores(
     variance
         ``"pooled"``: one variance over all cells (the fixed-variance variant of TF-Privacy's
         LiRA, which Carlini et al. recommend with few shadows); ``"per_cell"``; ``"shrunk"``:
-        per-cell variances pulled towards the pooled one (:data:`SHRINK_PRIOR_DF`).
+        per-cell variances pulled towards the pooled one (a prior worth 4 shadows).
     centre
         ``"mean"`` or ``"median"`` of each cell's IN and OUT losses (the median is robust to
         one odd shadow among few).

@@ -427,7 +427,7 @@ def judge_against(
 
     Returns
     -------
-    A new :class:`AuditReport`; ``report`` is not modified.
+    A new :class:`~scvi_unlearn.AuditReport`; ``report`` is not modified.
 
     Raises
     ------
