@@ -515,8 +515,8 @@ def report(units: list[dict], args, out: Path) -> None:
     print("\n".join(md))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_subset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data sets, subsets and recipes this benchmark and its siblings share."""
     parser.add_argument("--kang", default=str(data_file(KANG_FILE)))
     parser.add_argument("--pbmc3k", default=str(data_file(PBMC3K_FILE)))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -525,6 +525,11 @@ def main() -> None:
     parser.add_argument("--pbmc3k-genes", type=int, default=1000)
     parser.add_argument("--epochs-default", type=int, default=50)
     parser.add_argument("--epochs-memorising", type=int, default=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_subset_arguments(parser)
     parser.add_argument("--targets", type=int, default=7)
     parser.add_argument("--m", type=int, default=200)
     parser.add_argument("--null-contrasts", type=int, default=2)

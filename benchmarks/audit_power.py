@@ -46,8 +46,14 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import KANG_FILE, PBMC3K_FILE, data_file, markdown_table
-from audit_calibration import DATASETS, RECIPES, eligible, load, quiet, recipe_for
+from _common import markdown_table
+from audit_calibration import (
+    add_subset_arguments,
+    eligible,
+    load,
+    quiet,
+    recipe_for,
+)
 
 import scvi_unlearn as su
 from scvi_unlearn.audit._metrics import percentile_ci
@@ -235,14 +241,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kang", default=str(data_file(KANG_FILE)))
-    parser.add_argument("--pbmc3k", default=str(data_file(PBMC3K_FILE)))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--n-cells", type=int, default=2000)
-    parser.add_argument("--pbmc3k-genes", type=int, default=1000)
-    parser.add_argument("--epochs-default", type=int, default=50)
-    parser.add_argument("--epochs-memorising", type=int, default=30)
+    add_subset_arguments(parser)
     parser.add_argument("--targets", type=int, default=4)
     parser.add_argument("--subsets", type=int, nargs=len(KS), default=[8, 8, 6, 4, 1])
     parser.add_argument("--n-bootstrap", type=int, default=500)

@@ -57,8 +57,15 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import KANG_FILE, PBMC3K_FILE, data_file, markdown_table
-from audit_calibration import ALL_ATTACKS, DATASETS, RECIPES, load, quiet, recipe_for, wilson
+from _common import markdown_table
+from audit_calibration import (
+    ALL_ATTACKS,
+    add_subset_arguments,
+    load,
+    quiet,
+    recipe_for,
+    wilson,
+)
 
 import scvi_unlearn as su
 from scvi_unlearn._verdict import sampling_band
@@ -470,14 +477,7 @@ def report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kang", default=str(data_file(KANG_FILE)))
-    parser.add_argument("--pbmc3k", default=str(data_file(PBMC3K_FILE)))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--n-cells", type=int, default=2000)
-    parser.add_argument("--pbmc3k-genes", type=int, default=1000)
-    parser.add_argument("--epochs-default", type=int, default=50)
-    parser.add_argument("--epochs-memorising", type=int, default=30)
+    add_subset_arguments(parser)
     parser.add_argument("--retrains", type=int, default=16)
     parser.add_argument("--originals", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
