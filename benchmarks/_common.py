@@ -114,6 +114,19 @@ def utc_date() -> str:
     return f"{datetime.now(UTC):%Y-%m-%d}"
 
 
+def write_page(out: Path, lines: list[str]) -> None:
+    """``out/results.md``: ``lines``, then "What this says" from ``out/conclusion.md``.
+
+    The conclusion is written after reading the tables, so it lives in its own file and a
+    ``--report-only`` rebuild keeps it.
+    """
+    conclusion = out / "conclusion.md"
+    text = conclusion.read_text().strip() if conclusion.exists() else "(see the tables above)"
+    page = [*lines, "## What this says", "", text]
+    (out / "results.md").write_text("\n".join(page) + "\n")
+    print("\n".join(page))
+
+
 def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = False) -> str:
     """A GitHub markdown table (no extra dependency)."""
     frame = frame.reset_index() if index else frame

@@ -46,7 +46,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import markdown_table, write_page
 from audit_calibration import (
     add_subset_arguments,
     eligible,
@@ -178,7 +178,6 @@ def report(args) -> None:
             default=str,
         )
     )
-    conclusion = OUT / "conclusion.md"
     md = [
         "# Power per shadow model: centre and variance of LiRA and RMIA",
         "",
@@ -205,12 +204,8 @@ def report(args) -> None:
         "",
         markdown_table(table[ROW_COLUMNS]),
         "",
-        "## What this says",
-        "",
-        conclusion.read_text().strip() if conclusion.exists() else "(see the tables above)",
     ]
-    (OUT / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_page(OUT, md)
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:

@@ -57,7 +57,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from _common import markdown_table
+from _common import markdown_table, write_page
 from audit_calibration import (
     ALL_ATTACKS,
     add_subset_arguments,
@@ -431,7 +431,6 @@ def report(args) -> None:
         )
     )
     n_null = int(((table["kind"] == "null") & (table["rule"] == next(iter(RULES)))).sum())
-    conclusion = OUT / "conclusion.md"
     md = [
         "# Verdict calibration against retrain reference models",
         "",
@@ -467,12 +466,8 @@ def report(args) -> None:
         "",
         markdown_table(protocol) if len(protocol) else "(no protocol record)",
         "",
-        "## What this says",
-        "",
-        conclusion.read_text().strip() if conclusion.exists() else "(see the tables above)",
     ]
-    (OUT / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_page(OUT, md)
 
 
 def main() -> None:
