@@ -17,6 +17,8 @@ labels they are scored against:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
@@ -64,8 +66,6 @@ def _masked_centre(values: np.ndarray, mask: np.ndarray, centre: str) -> np.ndar
     """Per-cell mean or median over the shadows where ``mask`` (NaN where none)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         if centre == "median":
-            import warnings
-
             with warnings.catch_warnings():  # all-NaN columns: cells without such shadows
                 warnings.simplefilter("ignore", RuntimeWarning)
                 return np.nanmedian(np.where(mask, values, np.nan), axis=0)
