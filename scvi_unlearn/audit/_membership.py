@@ -227,10 +227,18 @@ class MembershipInference:
     def fit(self, progress_bar: bool = True) -> MembershipInference:
         """Train the shadow models (or load them from the cache). Returns ``self``."""
         start = time.perf_counter()
-        self.shadows_ = train_shadow_pool(
+        self.shadows_ = self._train_pool(self.n_shadows, self.groups_out, progress_bar)
+        self.fit_seconds_ = time.perf_counter() - start
+        self._classifier = None
+        self._matched = {}
+        return self
+
+    def _train_pool(self, n_shadows: int, groups_out: int | None, progress_bar: bool):
+        """Shadows of this audit's recipe, pool, seed and groups (trained or from the cache)."""
+        return train_shadow_pool(
             self.adata,
             self.recipe,
-            self.n_shadows,
+            n_shadows,
             self.pool,
             self.seed,
             self.cache_dir,
@@ -238,13 +246,9 @@ class MembershipInference:
             devices=self.devices,
             progress_bar=progress_bar,
             groups=self.group_codes_,
-            groups_out=self.groups_out,
+            groups_out=groups_out,
             executor=self.executor,
         )
-        self.fit_seconds_ = time.perf_counter() - start
-        self._classifier = None
-        self._matched = {}
-        return self
 
     def _require_fit(self, attacks) -> ShadowPool | None:
         if not SHADOW_ATTACKS & set(attacks):
@@ -487,20 +491,7 @@ class MembershipInference:
             step = n_groups // int(np.gcd(n_out, n_groups))
             least = max(self.n_shadows, -(-2 * n_groups // n_out))
             n_shadows = -(-least // step) * step
-            self._matched[n_out] = train_shadow_pool(
-                self.adata,
-                self.recipe,
-                n_shadows,
-                self.pool,
-                self.seed,
-                self.cache_dir,
-                accelerator=self.accelerator,
-                devices=self.devices,
-                progress_bar=progress_bar,
-                groups=self.group_codes_,
-                groups_out=n_out,
-                executor=self.executor,
-            )
+            self._matched[n_out] = self._train_pool(n_shadows, n_out, progress_bar)
         return self._matched[n_out]
 
     def _group_members(self, model, members, cells, codes, names):
