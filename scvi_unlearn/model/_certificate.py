@@ -89,6 +89,19 @@ def write_unlearning_certificate(
         "<h2>What was removed, and how</h2>" + _table(facts),
         "<h2>Utility</h2>" + _utility(event.get("utility") or {}),
     ]
+    guarantee = metrics.get("certificate")
+    if guarantee is not None:
+        sections.append("<h2>Certified unlearning guarantee</h2>" + _table([
+            ("(epsilon, delta)", f"({guarantee['epsilon']:g}, {guarantee['delta']:.3g})"),
+            ("theorem", guarantee.get("theorem", "")),
+            ("noise per weight and step (SD)", f"{guarantee['noise_std']:.4g}"),
+            ("noisy steps", guarantee["steps"]),
+            ("projection radius C0 (source)",
+             f"{guarantee['radius']:.4g} ({guarantee.get('radius_source', '')})"),
+            ("gradient clip C1, step size, weight decay",
+             f"{guarantee['grad_clip']:g}, {guarantee['lr']:g}, {guarantee['weight_decay']:g}"),
+            ("accumulated noise / weights' RMS", f"{guarantee['noise_to_weights']:.3g}"),
+        ]))  # fmt: skip
     reproduce = event.get("reproduce")
     if reproduce is not None:
         sections.append("<h2>Reproducibility record</h2>" + _table([

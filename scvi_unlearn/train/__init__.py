@@ -15,6 +15,12 @@ from scvi_unlearn.train._adversarial import (
     FrozenCriticPlan,
 )
 from scvi_unlearn.train._baselines import GradientAscentPlan, RetainFinetunePlan, SCRUBPlan
+from scvi_unlearn.train._certified import (
+    CertifiedFinetunePlan,
+    NoiseDominatedError,
+    certified_epsilon,
+    certified_noise,
+)
 from scvi_unlearn.train._common import (
     UnlearningTrainingPlan,
     gather_tensors,
@@ -83,6 +89,7 @@ __all__ = [
     "REFERENCE_PARAMS",
     "REFERENCE_SEED_OFFSET",
     "BestStateSelector",
+    "CertifiedFinetunePlan",
     "ContrastiveLatentPlan",
     "CriticEnsemble",
     "DPTrainingPlan",
@@ -96,6 +103,7 @@ __all__ = [
     "GradientAscentPlan",
     "HeldOutUtility",
     "MethodResult",
+    "NoiseDominatedError",
     "OracleMatchingPlan",
     "Param",
     "PlanMethod",
@@ -108,6 +116,8 @@ __all__ = [
     "UnlearningTrainingPlan",
     "WeightsUnchangedError",
     "any_model_methods",
+    "certified_epsilon",
+    "certified_noise",
     "check_hyperparameters",
     "covariate_masks",
     "diagonal_fisher",

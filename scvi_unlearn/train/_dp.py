@@ -18,9 +18,10 @@ changes in the weights is bounded by the privacy budget ``(epsilon, delta)``. Ea
 4. steps an Opacus accountant (RDP by default, or PRV) with ``(noise_multiplier,
    sample_rate)``.
 
-The privacy unit is **one cell** (one row of the AnnData). A donor contributing ``k`` cells is
-protected only at the group level, roughly ``k`` times the budget: train on one cell per donor,
-or account for it, when donors are the unit that must stay private.
+The privacy unit is **one cell** (one row of the AnnData) by default. A donor contributing
+``k`` cells is then protected only at the group level, roughly ``k`` times the budget. With
+``privacy_unit="donor"`` the unit is the donor (user-level DP-SGD): steps sample donors, clip
+each donor's summed contribution and account over donors (:class:`DonorDPTrainingPlan`).
 
 The plan runs under scvi-tools' :class:`~scvi.train.TrainRunner` like every plan of this
 package (:func:`~scvi_unlearn.train._common.run_plan`); :func:`train_dp` is the entry point.
@@ -72,6 +73,12 @@ GRAD_SAMPLE_MODES = ("ghost",)
 #: Default delta as a share of ``1 / n_train``: a delta of ``1 / n`` would certify a mechanism
 #: that publishes one random cell outright, so the default is ten times smaller.
 DEFAULT_DELTA_SHARE = 0.1
+#: What one unit of privacy is: one cell (one row), or one donor (all of a donor's cells).
+PRIVACY_UNITS = ("cell", "donor")
+#: Default number of a sampled donor's cells that enter one donor-level DP-SGD step.
+DEFAULT_CELLS_PER_DONOR = 32
+#: Key under which the donor-level loader passes each row's donor code to the plan.
+DONOR_CODE_KEY = "_dp_donor_code"
 #: File that ``save_privacy`` writes beside a saved model.
 PRIVACY_FILE = "dp_privacy.json"
 _INSTALL_HINT = 'pip install "scvi-unlearn[dp]"'
@@ -560,6 +567,179 @@ class DPTrainingPlan(TrainingPlan):
         self.steps_ += 1
 
 
+# -- donor-level DP-SGD ---------------------------------------------------------------------------
+def donor_codes(adata, donor_key: str | None, train_idx: np.ndarray) -> tuple[np.ndarray, list]:
+    """Each training cell's donor as a code ``0..n_donors-1``, and the donors' names.
+
+    Raises
+    ------
+    ValueError
+        For a missing key, a column with missing values, a donor (category) with no cells, or
+        fewer than two training donors.
+    """
+    if donor_key is None:
+        raise ValueError(
+            'privacy_unit="donor" needs `donor_key`, the `adata.obs` column naming each '
+            "cell's donor."
+        )
+    if donor_key not in adata.obs:
+        shown = ", ".join(map(str, list(adata.obs.columns)[:8]))
+        raise ValueError(f"`donor_key` {donor_key!r} is not a column of adata.obs ({shown}).")
+    column = adata.obs[donor_key]
+    if column.isna().any():
+        raise ValueError(
+            f"adata.obs[{donor_key!r}] has {int(column.isna().sum())} cells without a donor; "
+            "every cell needs one for donor-level privacy."
+        )
+    if hasattr(column, "cat"):
+        counts = column.value_counts()
+        empty = counts.index[counts.to_numpy() == 0].tolist()
+        if empty:
+            raise ValueError(
+                f"Donors {empty[:5]} of adata.obs[{donor_key!r}] have no cells. Drop them: "
+                f"obs[{donor_key!r}] = obs[{donor_key!r}].cat.remove_unused_categories()."
+            )
+    names, codes = np.unique(
+        column.to_numpy()[np.asarray(train_idx)].astype(str), return_inverse=True
+    )
+    if names.size < 2:
+        raise ValueError(
+            f"The training cells come from {names.size} donor of adata.obs[{donor_key!r}]: "
+            "donor-level privacy needs at least two donors (with one, there is nobody to hide "
+            "among)."
+        )
+    return codes.astype(np.int64), names.tolist()
+
+
+class _DonorSampler(torch.utils.data.Sampler):
+    """Donor-level Poisson batches: each donor joins with probability ``sample_rate``.
+
+    A joining donor brings at most ``cells_per_donor`` of its cells, drawn without replacement;
+    every draw comes from one generator, independent of the data's values.
+    """
+
+    def __init__(self, codes, sample_rate, cells_per_donor, steps, generator):
+        self.codes = np.asarray(codes)
+        self.members = [np.flatnonzero(self.codes == d) for d in range(int(self.codes.max()) + 1)]
+        self.sample_rate = float(sample_rate)
+        self.cells_per_donor = int(cells_per_donor)
+        self.steps = int(steps)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            joins = torch.rand(len(self.members), generator=self.generator) < self.sample_rate
+            picked = []
+            for donor in np.flatnonzero(joins.numpy()):
+                cells = self.members[donor]
+                order = torch.randperm(cells.size, generator=self.generator).numpy()
+                picked.append(cells[order[: self.cells_per_donor]])
+            positions = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+            yield positions
+
+
+class _WithDonorCodes(torch.utils.data.Dataset):
+    """scvi-tools' AnnData dataset, each batch also carrying its rows' donor codes."""
+
+    def __init__(self, dataset, codes: np.ndarray):
+        self.dataset, self.codes = dataset, np.asarray(codes, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, positions: np.ndarray):
+        if positions.size == 0:  # a step no donor joined: a noise-only step
+            return {DONOR_CODE_KEY: np.zeros(0, np.int64)}
+        batch = self.dataset[positions.tolist()]  # sorted, as backed AnnData needs
+        batch[DONOR_CODE_KEY] = self.codes[positions]
+        return batch
+
+
+class DonorPoissonDataSplitter(PoissonDataSplitter):
+    """A :class:`PoissonDataSplitter` whose training batches sample donors, not cells.
+
+    Parameters
+    ----------
+    donor_codes
+        The donor code of each training cell (in the order of the training cells).
+    cells_per_donor
+        Most cells of one joining donor in a batch.
+    **kwargs
+        Passed to :class:`PoissonDataSplitter` (``sample_rate`` is the donors' rate).
+    """
+
+    def __init__(self, *args, donor_codes: np.ndarray, cells_per_donor: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.donor_codes = np.asarray(donor_codes, dtype=np.int64)
+        self.cells_per_donor = int(cells_per_donor)
+
+    def train_dataloader(self) -> DataLoader:
+        """Donor-level Poisson batches of the training cells (one generator across epochs)."""
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        dataset = self.adata_manager.create_torch_dataset(
+            indices=self.train_idx, load_sparse_tensor=self.load_sparse_tensor
+        )
+        sampler = _DonorSampler(
+            self.donor_codes, self.sample_rate, self.cells_per_donor, self.steps_per_epoch,
+            self._generator,
+        )  # fmt: skip
+        return DataLoader(
+            _WithDonorCodes(dataset, self.donor_codes), sampler=sampler, batch_size=None,
+            pin_memory=self.pin_memory, num_workers=0,
+        )  # fmt: skip
+
+
+class DonorDPTrainingPlan(DPTrainingPlan):
+    """DP-SGD whose privacy unit is the donor: per-donor clipping of the summed gradient.
+
+    Each step the batch holds the sampled cells of the donors that joined (at most
+    ``cells_per_donor`` each, see :class:`DonorPoissonDataSplitter`). Donor ``d``'s
+    contribution is the gradient of the mean per-cell loss of its cells, clipped to L2 norm
+    ``max_grad_norm`` (one backward pass per joining donor); the clipped contributions are
+    summed, Gaussian noise ``noise_multiplier * max_grad_norm`` is added and the sum is divided
+    by the expected number of donors ``sample_rate * n_train`` (``n_train`` counts donors).
+    The accountant then runs over donors: adding or removing one donor's cells changes at most
+    one clipped term, whatever their number. Other settings as :class:`DPTrainingPlan`.
+    """
+
+    def clipped_gradient_sum(
+        self, batch: Tensors
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Sum over joining donors of their clipped gradients, and the norms before / after."""
+        batch = dict(batch)
+        codes = torch.as_tensor(batch.pop(DONOR_CODE_KEY), device=self.device)
+        params = self._trainable()
+        names = list(params)
+        if codes.numel() == 0:
+            empty = torch.zeros(0, device=self.device)
+            return {k: torch.zeros_like(p) for k, p in params.items()}, empty, empty
+        with torch.enable_grad():
+            per_cell, _ = self.batch_losses(batch)
+            donors = torch.unique(codes)
+            losses = torch.stack([per_cell[codes == d].mean() for d in donors])
+            norms = []
+            for loss in losses:
+                grads = torch.autograd.grad(
+                    loss, [params[n] for n in names], retain_graph=True, allow_unused=True
+                )
+                squares = [g.pow(2).sum() for g in grads if g is not None]
+                norms.append(torch.stack(squares).sum().sqrt().detach())
+            norms = torch.stack(norms)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = torch.autograd.grad(
+                (factor * losses).sum(), [params[n] for n in names], allow_unused=True
+            )
+        total = {
+            n: torch.zeros_like(params[n]) if g is None else g.detach()
+            for n, g in zip(names, grads)
+        }
+        return total, norms, norms * factor
+
+
 # -- entry point ----------------------------------------------------------------------------------
 def train_dp(
     model: SCVI,
@@ -580,6 +760,10 @@ def train_dp(
     enable_progress_bar: bool = True,
     per_cell_loss: str = "elbo",
     grad_sample_mode: str = "ghost",
+    privacy_unit: str = "cell",
+    donor_key: str | None = None,
+    cells_per_donor: int = DEFAULT_CELLS_PER_DONOR,
+    donors_per_batch: int | None = None,
     plan_kwargs: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
@@ -634,6 +818,22 @@ def train_dp(
     grad_sample_mode
         ``"ghost"``, the only mode (hooks: per-cell norms without per-cell gradients), see
         :class:`DPTrainingPlan`; ``"vmap"`` is no longer available.
+    privacy_unit
+        ``"cell"`` (default): the guarantee covers one cell (row). ``"donor"``: it covers all
+        of one donor's cells together, the unit that gives and withdraws consent. Each step
+        then samples donors (Poisson, rate ``donors_per_batch / n_donors``), takes at most
+        ``cells_per_donor`` cells of each joining donor, clips each donor's gradient (of the
+        mean loss of its cells) to ``max_grad_norm`` and adds the noise once per step
+        (:class:`DonorDPTrainingPlan`); the accountant counts donors, and ``delta`` defaults
+        to ``0.1 / n_donors``. An epoch is as many steps as make the expected cells seen equal
+        the training cells.
+    donor_key
+        With ``privacy_unit="donor"``: the ``adata.obs`` column naming each cell's donor.
+    cells_per_donor
+        With ``privacy_unit="donor"``: most cells of one donor in a step.
+    donors_per_batch
+        With ``privacy_unit="donor"``: expected donors per step (default
+        ``round(batch_size / cells_per_donor)``, at least one).
     plan_kwargs
         Further :class:`DPTrainingPlan` / :class:`scvi.train.TrainingPlan` arguments
         (``weight_decay``, ``n_epochs_kl_warmup``, ``record_norms``, ...).
@@ -644,15 +844,20 @@ def train_dp(
     -------
     Dict with ``epsilon`` (spent, at ``delta``), ``delta``, ``noise_multiplier``,
     ``sample_rate``, ``expected_batch_size``, ``steps``, ``steps_per_epoch``, ``epochs``,
-    ``accountant``, ``max_grad_norm``, ``target_epsilon``, ``n_train``, ``per_cell_loss``,
-    ``privacy_unit`` (``"cell"``), ``opacus_version``, ``wall_seconds``.
+    ``accountant``, ``max_grad_norm``, ``target_epsilon``, ``n_train`` (cells),
+    ``per_cell_loss``, ``privacy_unit``, ``n_units`` (cells or donors protected),
+    ``opacus_version``, ``wall_seconds``; for donors also ``donor_key``, ``n_donors``,
+    ``cells_per_donor``, ``donors_per_batch`` and ``epsilon_per_donor`` (every training
+    donor's epsilon; all equal, the guarantee is worst-case).
 
     Raises
     ------
     ImportError
         Without Opacus (``pip install "scvi-unlearn[dp]"``).
     ValueError
-        For batch norm in the model, or a missing or out-of-range privacy setting.
+        For batch norm in the model, a missing or out-of-range privacy setting, or, for
+        donor-level privacy, a missing donor key, cells without a donor, a donor without cells
+        or fewer than two donors.
 
     Examples
     --------
@@ -688,8 +893,21 @@ def train_dp(
     if int(max_epochs) < 1:
         raise ValueError(f"`max_epochs` must be a positive integer, got {max_epochs!r}.")
     max_epochs = int(max_epochs)
-    sample_rate = min(1.0, int(batch_size) / n_train)
-    delta = DEFAULT_DELTA_SHARE / n_train if target_delta is None else target_delta
+    if privacy_unit not in PRIVACY_UNITS:
+        raise ValueError(f"Unknown privacy_unit {privacy_unit!r}; choose from {PRIVACY_UNITS}.")
+    donor = privacy_unit == "donor"
+    if donor:
+        codes, donor_names = donor_codes(model.adata, donor_key, train_idx)
+        units = _donor_sampling(codes, n_train, int(batch_size), cells_per_donor,
+                                donors_per_batch)  # fmt: skip
+    else:
+        codes, donor_names = None, []
+        rate = min(1.0, int(batch_size) / n_train)
+        units = {"n_units": n_train, "sample_rate": rate,
+                 "steps_per_epoch": max(1, int(1 / rate))}  # Opacus' epoch  # fmt: skip
+    n_units, sample_rate = units["n_units"], units["sample_rate"]
+    steps_per_epoch = units["steps_per_epoch"]
+    delta = DEFAULT_DELTA_SHARE / n_units if target_delta is None else target_delta
     check_privacy_arguments(
         target_epsilon=target_epsilon,
         target_delta=delta,
@@ -699,15 +917,15 @@ def train_dp(
         accountant=accountant,
     )
     delta = float(delta)
-    if delta >= 1.0 / n_train:
+    if delta >= 1.0 / n_units:
+        unit = "donor" if donor else "cell"
         warnings.warn(
-            f"target_delta={delta:g} is at least 1 / n_train (1/{n_train}): such a guarantee "
-            "allows a mechanism that publishes a random training cell outright. Use a delta "
-            f"well below it, e.g. {DEFAULT_DELTA_SHARE / n_train:.2g} (the default).",
+            f"target_delta={delta:g} is at least 1 / n (1/{n_units} {unit}s): such a guarantee "
+            f"allows a mechanism that publishes a random training {unit} outright. Use a delta "
+            f"well below it, e.g. {DEFAULT_DELTA_SHARE / n_units:.2g} (the default).",
             UserWarning,
             stacklevel=2,
         )
-    steps_per_epoch = max(1, int(1 / sample_rate))  # Opacus' epoch of Poisson batches
     planned_steps = max_epochs * steps_per_epoch
     if noise_multiplier is None:
         from opacus.accountants.utils import get_noise_multiplier
@@ -721,12 +939,12 @@ def train_dp(
         )
     kwargs = dict(plan_kwargs or {})
     kwargs.setdefault("lr", lr)
-    plan = DPTrainingPlan(
+    plan = (DonorDPTrainingPlan if donor else DPTrainingPlan)(
         model.module,
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
         sample_rate=sample_rate,
-        n_train=n_train,
+        n_train=n_units,
         accountant=accountant,
         seed=seed,
         per_cell_loss=per_cell_loss,
@@ -742,6 +960,12 @@ def train_dp(
         seed=seed,
         batch_size=int(batch_size),
     )
+    if donor:
+        splitter = DonorPoissonDataSplitter(
+            model.adata_manager, splitter.external_indexing, sample_rate=sample_rate,
+            steps_per_epoch=steps_per_epoch, seed=seed, batch_size=int(batch_size),
+            donor_codes=codes, cells_per_donor=units["cells_per_donor"],
+        )  # fmt: skip
     run_plan(
         model,
         plan,
@@ -767,13 +991,49 @@ def train_dp(
         "n_train": n_train,
         "per_cell_loss": per_cell_loss,
         "grad_sample_mode": grad_sample_mode,
-        "privacy_unit": "cell",
-        "mechanism": "DP-SGD: Poisson sampling, per-cell L2 clipping, Gaussian noise",
+        "privacy_unit": privacy_unit,
+        "n_units": int(n_units),
+        "mechanism": (
+            "DP-SGD: Poisson sampling of donors, per-donor L2 clipping, Gaussian noise"
+            if donor
+            else "DP-SGD: Poisson sampling, per-cell L2 clipping, Gaussian noise"
+        ),
         "opacus_version": str(opacus.__version__),
         "wall_seconds": float(time.perf_counter() - started),
     }
+    if donor:
+        summary.update(
+            donor_key=donor_key,
+            n_donors=int(n_units),
+            cells_per_donor=int(units["cells_per_donor"]),
+            donors_per_batch=float(units["donors_per_batch"]),
+            epsilon_per_donor=dict.fromkeys(donor_names, summary["epsilon"]),
+        )
     _record_training(model, plan, summary, max_epochs, batch_size, train_size, indices, lr)
     return summary
+
+
+def _donor_sampling(codes, n_train, batch_size, cells_per_donor, donors_per_batch) -> dict:
+    """Donor-level sampling: the donors' rate and an epoch's steps (expected cells = n_train)."""
+    if int(cells_per_donor) < 1:
+        raise ValueError(f"`cells_per_donor` must be a positive integer, got {cells_per_donor!r}.")
+    n_donors = int(codes.max()) + 1
+    per_batch = (
+        max(1, round(batch_size / int(cells_per_donor)))
+        if donors_per_batch is None
+        else donors_per_batch
+    )
+    if not (isinstance(per_batch, int | float) and 0 < per_batch):
+        raise ValueError(f"`donors_per_batch` must be a number > 0, got {donors_per_batch!r}.")
+    rate = min(1.0, float(per_batch) / n_donors)
+    expected_cells = rate * np.minimum(np.bincount(codes), int(cells_per_donor)).sum()
+    return {
+        "n_units": n_donors,
+        "sample_rate": rate,
+        "steps_per_epoch": max(1, math.ceil(n_train / expected_cells)),
+        "cells_per_donor": int(cells_per_donor),
+        "donors_per_batch": rate * n_donors,
+    }
 
 
 def _record_training(model, plan, summary, max_epochs, batch_size, train_size, indices, lr):
@@ -834,13 +1094,18 @@ def load_privacy(model, dir_path: str) -> dict[str, Any] | None:
 
 __all__ = [
     "ACCOUNTANTS",
+    "DEFAULT_CELLS_PER_DONOR",
     "GRAD_SAMPLE_MODES",
     "PER_CELL_LOSSES",
     "PRIVACY_FILE",
+    "PRIVACY_UNITS",
     "DPTrainingPlan",
+    "DonorDPTrainingPlan",
+    "DonorPoissonDataSplitter",
     "PoissonDataSplitter",
     "check_grad_sample_mode",
     "check_no_batch_norm",
+    "donor_codes",
     "load_privacy",
     "privacy_spent",
     "require_opacus",
