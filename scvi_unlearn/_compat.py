@@ -183,6 +183,23 @@ def register_manager(model: scvi.model.base.BaseModelClass, manager: AnnDataMana
     model._register_manager_for_instance(manager)
 
 
+def unregister_anndata(model: scvi.model.base.BaseModelClass, adata: AnnData) -> None:
+    """Drop the manager scvi-tools registered for ``adata`` on this model instance.
+
+    A temporary AnnData (the training data with canaries appended) would otherwise stay
+    referenced by the model for as long as it lives.
+
+    Parameters
+    ----------
+    model
+        An scvi-tools model.
+    adata
+        An AnnData validated against it earlier.
+    """
+    uuid = adata.uns.get(_private("scvi.data._constants", "_SCVI_UUID_KEY"))
+    type(model)._per_instance_manager_store.get(model.id, {}).pop(uuid, None)
+
+
 # -- module inputs --------------------------------------------------------------------------------
 def inference_inputs(module: torch.nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``module.inference`` for a minibatch ``tensors``.

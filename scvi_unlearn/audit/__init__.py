@@ -44,6 +44,12 @@ from scvi_unlearn.audit._metrics import (
     pooled_reference_interval,
     tpr_at_fpr,
 )
+from scvi_unlearn.audit._one_run import (
+    OneRunAudit,
+    make_canaries,
+    one_run_epsilon,
+    one_run_p_value,
+)
 from scvi_unlearn.audit._report import AttackResult, AuditReport, judge_against
 from scvi_unlearn.audit._shadows import (
     ShadowPool,
@@ -87,6 +93,7 @@ __all__ = [
     "AuditReport",
     "GroupAuditReport",
     "MembershipInference",
+    "OneRunAudit",
     "ShadowPool",
     "attack_features",
     "auc_from_scores",
@@ -109,7 +116,10 @@ __all__ = [
     "judge_against",
     "lira_scores",
     "loss_scores",
+    "make_canaries",
     "most_seeds",
+    "one_run_epsilon",
+    "one_run_p_value",
     "overall_result",
     "paired_verdict",
     "per_cell_loss_terms",

@@ -31,7 +31,13 @@ from scvi_unlearn.train._common import (
 )
 from scvi_unlearn.train._contrastive import ContrastiveLatentPlan
 from scvi_unlearn.train._critics import CriticEnsemble
-from scvi_unlearn.train._dp import DEFAULT_DELTA_SHARE, DPTrainingPlan, train_dp
+from scvi_unlearn.train._dp import (
+    DEFAULT_DELTA_SHARE,
+    PRIVACY_UNITS,
+    DonorDPTrainingPlan,
+    DPTrainingPlan,
+    train_dp,
+)
 from scvi_unlearn.train._epochs import (
     MIN_SELECTION_CELLS,
     EpochRule,
@@ -86,6 +92,7 @@ __all__ = [
     "FROM_PLAN",
     "METHODS",
     "MIN_SELECTION_CELLS",
+    "PRIVACY_UNITS",
     "REFERENCE_PARAMS",
     "REFERENCE_SEED_OFFSET",
     "BestStateSelector",
@@ -93,6 +100,7 @@ __all__ = [
     "ContrastiveLatentPlan",
     "CriticEnsemble",
     "DPTrainingPlan",
+    "DonorDPTrainingPlan",
     "EpochRule",
     "ExtraGradientUnlearningPlan",
     "FastRetrainPlan",

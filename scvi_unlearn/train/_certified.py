@@ -249,7 +249,8 @@ class CertifiedFinetunePlan(UnlearningTrainingPlan):
     noise_std
         Standard deviation of the Gaussian noise added to every parameter at every step.
     radius
-        Radius of the ball the starting weights are projected into.
+        Radius of the ball the starting weights are projected into (``None``: their own
+        norm, so the projection changes nothing).
     grad_clip
         L2 norm each minibatch gradient is clipped to.
     weight_decay
@@ -264,7 +265,7 @@ class CertifiedFinetunePlan(UnlearningTrainingPlan):
         module: torch.nn.Module,
         *,
         noise_std: float = 0.0,
-        radius: float = 1.0,
+        radius: float | None = None,
         grad_clip: float = 1.0,
         weight_decay: float = 0.0,
         **kwargs: Any,
@@ -272,7 +273,7 @@ class CertifiedFinetunePlan(UnlearningTrainingPlan):
         super().__init__(module, **kwargs)
         self.automatic_optimization = False
         self.noise_std = float(noise_std)
-        self.radius = float(radius)
+        self.radius = None if radius is None else float(radius)
         self.grad_clip = float(grad_clip)
         self.step_weight_decay = float(weight_decay)
         #: Noisy steps taken (the certificate holds only for the planned number).
@@ -286,7 +287,8 @@ class CertifiedFinetunePlan(UnlearningTrainingPlan):
     def edit_weights(self) -> dict[str, Any]:
         """Project the weights onto the ball of radius ``radius`` (step 1 of the method)."""
         before = flat_norm(self.module)
-        scale = min(1.0, self.radius / max(before, 1e-12))
+        radius = before if self.radius is None else self.radius
+        scale = min(1.0, radius / max(before, 1e-12))
         if scale < 1.0:
             with torch.no_grad():
                 for p in self.module.parameters():

@@ -37,6 +37,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,12 +46,23 @@ from scvi.dataloaders import DataSplitter
 from scvi.train import TrainingPlan
 from torch.utils.data import DataLoader
 
-from scvi_unlearn._compat import max_epochs_heuristic
+from scvi_unlearn._compat import max_epochs_heuristic, unregister_anndata, validate_anndata
 from scvi_unlearn._utils import dump_json
 from scvi_unlearn._validation import as_cell_indices
+from scvi_unlearn.audit._one_run import (
+    DEFAULT_CANARY_GENES,
+    DEFAULT_CONFIDENCE,
+    OneRunAudit,
+    guess_and_count,
+    make_canaries,
+    one_run_epsilon,
+    with_canaries,
+)
 from scvi_unlearn.module._loss import per_cell_loss_terms_and_likelihood
 from scvi_unlearn.train._common import (
+    gather_tensors,
     last_kl_weight,
+    loss_scores,
     make_data_splitter,
     n_cells,
     run_plan,
@@ -740,6 +752,88 @@ class DonorDPTrainingPlan(DPTrainingPlan):
         return total, norms, norms * factor
 
 
+# -- the one-run audit's canaries -----------------------------------------------------------------
+@dataclass
+class CanaryRun:
+    """Canary cells of one DP-SGD run: built, half put into training, scored at the end.
+
+    See :mod:`scvi_unlearn.audit._one_run` for how canaries are built and the bound.
+    """
+
+    joined: Any
+    manager: Any
+    n_obs: int
+    fit_idx: np.ndarray
+    included: np.ndarray
+    n_guesses: int
+    canary_genes: int
+    initial_scores: np.ndarray
+
+    @classmethod
+    def prepare(cls, model, train_idx, n_canaries, seed, canary_genes, n_guesses) -> CanaryRun:
+        """Canaries appended to a copy of the data; training cells plus the included ones."""
+        n_canaries = _check_count("canaries", n_canaries, low=2)
+        if n_canaries > train_idx.size:
+            raise ValueError(
+                f"canaries={n_canaries} is more than the {train_idx.size} training cells allow: "
+                "the canaries would outnumber the data the model is meant to learn."
+            )
+        _check_count("canary_genes", canary_genes, low=1)
+        n_guesses = max(2, n_canaries // 5) if n_guesses is None else n_guesses
+        n_guesses = _check_count("canary_guesses", n_guesses, low=2)
+        if n_guesses > n_canaries:
+            raise ValueError(f"canary_guesses={n_guesses} exceeds canaries={n_canaries}.")
+        canaries = make_canaries(model, train_idx, n_canaries, seed=seed,
+                                 canary_genes=canary_genes)  # fmt: skip
+        joined = validate_anndata(model, with_canaries(model, canaries))
+        included = np.random.default_rng([seed, 1]).random(n_canaries) < 0.5
+        n_obs = model.adata.n_obs
+        fit_idx = np.concatenate([train_idx, n_obs + np.flatnonzero(included)]).astype(np.int64)
+        manager = model.get_anndata_manager(joined, required=True)
+        positions = n_obs + np.arange(n_canaries)
+        # Scored before training too: a canary's gain over the starting weights removes most
+        # of what its random genes make easy or hard for any model.
+        initial = loss_scores(model.module, gather_tensors(model, positions, adata=joined))
+        return cls(joined, manager, n_obs, fit_idx, included, n_guesses, int(canary_genes),
+                   initial)  # fmt: skip
+
+    def splitter(self, val_idx, **kwargs) -> PoissonDataSplitter:
+        """Poisson batches over the data with canaries (validation on real cells only)."""
+        manager = self.manager
+        rest = np.setdiff1d(np.arange(self.joined.n_obs), np.union1d(self.fit_idx, val_idx))
+        return PoissonDataSplitter(
+            manager, [self.fit_idx, np.asarray(val_idx, np.int64), rest.astype(np.int64)],
+            **kwargs,
+        )  # fmt: skip
+
+    def finish(self, model, train_idx, val_idx, summary) -> dict[str, Any]:
+        """Score the canaries, audit, and leave the model with its real cells only."""
+        canaries = self.n_obs + np.arange(self.included.size)
+        final = loss_scores(model.module, gather_tensors(model, canaries, adata=self.joined))
+        scores = final - self.initial_scores
+        model.train_indices = np.asarray(train_idx)
+        model.validation_indices = np.asarray(val_idx)
+        model.test_indices = np.setdiff1d(np.arange(self.n_obs), np.union1d(train_idx, val_idx))
+        unregister_anndata(model, self.joined)
+        self.joined = self.manager = None  # the copy with canaries goes
+        n_guesses, n_correct = guess_and_count(scores, self.included, self.n_guesses)
+        audit = OneRunAudit(
+            epsilon_hat=one_run_epsilon(self.included.size, n_guesses, n_correct,
+                                        summary["delta"]),
+            epsilon=float(summary["epsilon"]), delta=float(summary["delta"]),
+            confidence=DEFAULT_CONFIDENCE, n_canaries=int(self.included.size),
+            n_included=int(self.included.sum()), n_guesses=n_guesses, n_correct=n_correct,
+            canary_genes=self.canary_genes,
+        )  # fmt: skip
+        return audit.to_dict()
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    return int(value)
+
+
 # -- entry point ----------------------------------------------------------------------------------
 def train_dp(
     model: SCVI,
@@ -764,6 +858,9 @@ def train_dp(
     donor_key: str | None = None,
     cells_per_donor: int = DEFAULT_CELLS_PER_DONOR,
     donors_per_batch: int | None = None,
+    canaries: int = 0,
+    canary_guesses: int | None = None,
+    canary_genes: int = DEFAULT_CANARY_GENES,
     plan_kwargs: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
@@ -834,6 +931,23 @@ def train_dp(
     donors_per_batch
         With ``privacy_unit="donor"``: expected donors per step (default
         ``round(batch_size / cells_per_donor)``, at least one).
+    canaries
+        Run the one-run DP audit (:mod:`scvi_unlearn.audit._one_run`; Steinke et al. 2023):
+        build this many canary cells (each the covariates and library size of a random
+        training cell, its counts spread uniformly over ``canary_genes`` random genes), put
+        each into training with probability 1/2, and after training guess which went in from
+        their loss. The summary's ``one_run_audit`` holds the empirical lower bound
+        ``epsilon_hat`` (95% confidence) beside the accountant's epsilon. The canaries train
+        on an in-memory copy of the AnnData with them appended; the model keeps the
+        original, its training cells are the real ones, and no canary is saved. Included
+        canaries count as training cells for the sampling rate and the accounting (they are
+        protected like any cell). Cell-level privacy only; at most as many canaries as
+        training cells.
+    canary_guesses
+        Guesses of the audit, half "in" (highest scores) and half "out" (lowest), fixed
+        before training; default a fifth of the canaries.
+    canary_genes
+        Genes each canary's counts are spread over.
     plan_kwargs
         Further :class:`DPTrainingPlan` / :class:`scvi.train.TrainingPlan` arguments
         (``weight_decay``, ``n_epochs_kl_warmup``, ``record_norms``, ...).
@@ -886,6 +1000,16 @@ def train_dp(
     n_train = int(train_idx.size)
     if n_train < 1:
         raise ValueError("No training cells.")
+    canary_run = None
+    if canaries:
+        if privacy_unit != "cell":
+            raise ValueError(
+                "Canaries audit cell-level DP-SGD (each canary is one cell); train with "
+                'privacy_unit="cell" to audit, or without canaries.'
+            )
+        canary_run = CanaryRun.prepare(model, train_idx, canaries, seed, canary_genes,
+                                       canary_guesses)  # fmt: skip
+    fit_idx = train_idx if canary_run is None else canary_run.fit_idx
     if int(batch_size) < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if max_epochs is None:
@@ -902,8 +1026,8 @@ def train_dp(
                                 donors_per_batch)  # fmt: skip
     else:
         codes, donor_names = None, []
-        rate = min(1.0, int(batch_size) / n_train)
-        units = {"n_units": n_train, "sample_rate": rate,
+        rate = min(1.0, int(batch_size) / fit_idx.size)
+        units = {"n_units": int(fit_idx.size), "sample_rate": rate,
                  "steps_per_epoch": max(1, int(1 / rate))}  # Opacus' epoch  # fmt: skip
     n_units, sample_rate = units["n_units"], units["sample_rate"]
     steps_per_epoch = units["steps_per_epoch"]
@@ -960,6 +1084,11 @@ def train_dp(
         seed=seed,
         batch_size=int(batch_size),
     )
+    if canary_run is not None:
+        splitter = canary_run.splitter(
+            val_idx, sample_rate=sample_rate, steps_per_epoch=steps_per_epoch, seed=seed,
+            batch_size=int(batch_size),
+        )  # fmt: skip
     if donor:
         splitter = DonorPoissonDataSplitter(
             model.adata_manager, splitter.external_indexing, sample_rate=sample_rate,
@@ -1001,6 +1130,8 @@ def train_dp(
         "opacus_version": str(opacus.__version__),
         "wall_seconds": float(time.perf_counter() - started),
     }
+    if canary_run is not None:
+        summary["one_run_audit"] = canary_run.finish(model, train_idx, val_idx, summary)
     if donor:
         summary.update(
             donor_key=donor_key,
