@@ -69,6 +69,10 @@ from scvi_unlearn._utils import dump_json
 
 LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
 EPSILONS = (1.0, 10.0, 50.0)
+#: Row kinds: cell-level DP-SGD, donor-level DP-SGD, certified unlearning of the target.
+ROW_KINDS = ("dp", "donor_dp", "certified")
+#: The column naming each cell's donor (the unit of donor-level DP and of a donor request).
+DONOR_KEYS = {"kang": "sample_id"}
 
 
 def setup(args) -> tuple:
@@ -77,8 +81,8 @@ def setup(args) -> tuple:
         adata = su.data.synthetic_pbmc(n_cells=300, n_genes=100, seed=args.seed)
         arch, epochs = {"n_hidden": 32, "n_latent": 4}, 1
     else:
-        settings = DATASET_SETTINGS["pbmc3k"]
-        adata = load("pbmc3k", settings["n_hvg"])
+        settings = DATASET_SETTINGS[args.dataset]
+        adata = load(args.dataset, settings["n_hvg"])
         arch = TARGET if args.target == "memorising" else {}
         epochs = args.epochs or settings["epochs"]
     recipe = su.Recipe(
@@ -91,8 +95,10 @@ def setup(args) -> tuple:
 def forget_split(adata, forget_type: str, args):
     """The reporting split of ``unlearning_protocol.py`` (``--smoke``: NK cells or random)."""
     if not args.smoke:
-        return pair_of_splits(adata, "pbmc3k", forget_type, args.seed)[0]
+        return pair_of_splits(adata, args.dataset, forget_type, args.seed)[0]
     cells = ("cell_type", "NK")
+    if forget_type == "donor":
+        cells = ("donor", adata.obs["donor"].value_counts().index[-1])
     if forget_type == "scattered":
         cells = su.data.scattered_forget_set(adata, 40, seed=args.seed)
     return su.data.membership_split(adata, cells, holdout_fraction=0.5, seed=args.seed)
@@ -101,9 +107,15 @@ def forget_split(adata, forget_type: str, args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    parser.add_argument("--dataset", choices=["pbmc3k", "kang"], default="pbmc3k")
     parser.add_argument(
-        "--forget", nargs="+", choices=["structured", "scattered"],
+        "--forget", nargs="+", choices=["structured", "scattered", "donor"],
         default=["structured", "scattered"],
+    )  # fmt: skip
+    parser.add_argument(
+        "--rows", nargs="+", choices=ROW_KINDS, default=["dp"],
+        help="dp: cell-level DP-SGD; donor_dp: donor-level DP-SGD (Kang); certified: "
+        "method='certified' on the target",
     )  # fmt: skip
     parser.add_argument("--dp-seeds", type=int, default=3, help="DP models per epsilon")
     parser.add_argument("--grad-sample-mode", choices=["ghost"], default="ghost")
@@ -201,30 +213,36 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
         }  # fmt: skip
         if privacy is not None:
             keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "n_train",
-                    "grad_sample_mode")  # fmt: skip
-            record.update({f"dp_{k}": privacy[k] for k in keys})
+                    "grad_sample_mode", "privacy_unit", "n_units")  # fmt: skip
+            record.update({f"dp_{k}": privacy.get(k) for k in keys})
         print({k: record[k] for k in ("model", "lira_auc", "verdict", "overall", "wall_s")})
         return record
 
     rows = [row("non-private (train)", target, target_s, seed=args.seed)]
     rows += [row("retrain", m, t, exact=True, seed=s) for s, (m, t) in enumerate(retrains)]
     sets = {"train": split.train, "retained": retain}
-    for on in ["train", "retained"] if args.train_on == "both" else [args.train_on]:
-        for eps in args.epsilons:
-            for seed in range(args.seed, args.seed + args.dp_seeds):
-                t0 = time.perf_counter()
-                model = recipe.build(adata.copy(), seed=seed)
-                summary = su.train.train_dp(
-                    model, target_epsilon=eps, target_delta=args.delta_share / len(sets[on]),
-                    max_epochs=epochs, batch_size=args.batch_size,
-                    max_grad_norm=args.max_grad_norm, indices=sets[on], seed=seed,
-                    grad_sample_mode=args.grad_sample_mode, **QUIET,
-                )  # fmt: skip
-                seconds = time.perf_counter() - t0
-                rows.append(row(f"DP eps={eps:g} ({on})", model, seconds,
-                                exact=on == "retained", privacy=summary, seed=seed))  # fmt: skip
+    kinds = (("dp", "cell", "DP"), ("donor_dp", "donor", "donor-DP"))
+    units = [(unit, label) for kind, unit, label in kinds if kind in args.rows]
+    for unit, label in units:
+        for on in ["train", "retained"] if args.train_on == "both" else [args.train_on]:
+            for eps in args.epsilons:
+                for seed in range(args.seed, args.seed + args.dp_seeds):
+                    t0 = time.perf_counter()
+                    model = recipe.build(adata.copy(), seed=seed)
+                    summary = su.train.train_dp(
+                        model, target_epsilon=eps, max_epochs=epochs, seed=seed,
+                        batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
+                        indices=sets[on], grad_sample_mode=args.grad_sample_mode,
+                        **dp_unit(unit, len(sets[on]), args), **QUIET,
+                    )  # fmt: skip
+                    seconds = time.perf_counter() - t0
+                    name = f"{label} eps={eps:g} ({on})"
+                    rows.append(row(name, model, seconds, exact=on == "retained",
+                                    privacy=summary, seed=seed))  # fmt: skip
+    if "certified" in args.rows:
+        rows += certified_rows(target, adata, forget, row, args)
     cell = {
-        "dataset": "synthetic (smoke)" if args.smoke else "pbmc3k", "forget": forget_type,
+        "dataset": "synthetic (smoke)" if args.smoke else args.dataset, "forget": forget_type,
         "target": args.target, "epochs": epochs, "train_on": args.train_on,
         "retrain_seeds": args.retrain_seeds, "dp_seeds": args.dp_seeds,
         "n_shadows": args.n_shadows, "n_forget": int(forget.size),
@@ -237,10 +255,55 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
     return cell
 
 
-def largest_epsilon(frame: pd.DataFrame, passes) -> str:
+def dp_unit(unit: str, n_cells: int, args) -> dict:
+    """``train_dp`` keywords of a privacy unit (delta: the record's share for cells)."""
+    if unit == "cell":
+        return {"target_delta": args.delta_share / n_cells}
+    key = "donor" if args.smoke else DONOR_KEYS.get(args.dataset)
+    if key is None:
+        raise SystemExit(f"--rows donor_dp needs donors; {args.dataset} has none (use kang).")
+    # delta: the library's default for donors, 0.1 / n_donors
+    return {"privacy_unit": "donor", "donor_key": key}
+
+
+def certified_rows(target, adata, forget, row, args) -> list[dict]:
+    """``method='certified'`` on the target at each epsilon, run even where it refuses."""
+    rows = []
+    for eps in args.epsilons:
+        t0 = time.perf_counter()
+        try:
+            target.unlearn(forget, method="certified", epsilon=eps, **QUIET)
+            refusal = None
+        except su.train.NoiseDominatedError as err:
+            refusal = str(err)
+        model = target.unlearn(
+            forget, method="certified", epsilon=eps, allow_noise_dominated=True,
+            damage_limit=None, **QUIET,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        cert = model.provenance["events"][-1]["metrics"]["certificate"]
+        name = f"certified eps={eps:g}"
+        try:
+            record = row(name, model, seconds)
+        except ValueError as err:  # weights the noise made non-finite cannot be audited
+            record = {"forget": "", "model": name, "lira_auc": None, "verdict":
+                      "not auditable: " + str(err).split("\n")[0][:120],
+                      "overall": "failed (model destroyed)", "wall_s": seconds}  # fmt: skip
+        record.update(
+            certified_noise_std=cert["noise_std"], certified_steps=cert["steps"],
+            certified_noise_to_weights=cert["noise_to_weights"],
+            certified_delta=cert["delta"], refused_by_default=refusal is not None,
+            refusal=refusal,
+        )  # fmt: skip
+        print({k: record.get(k) for k in ("model", "certified_noise_to_weights", "verdict")})
+        rows.append(record)
+    return rows
+
+
+def largest_epsilon(frame: pd.DataFrame, passes, prefix: str = "DP") -> str:
     """Largest target epsilon whose seeds pass in >= 2 of 3 (a majority), or "none"."""
     passing = []
-    for name, part in frame[frame.model.str.startswith("DP")].groupby("model"):
+    for name, part in frame[frame.model.str.startswith(prefix)].groupby("model"):
         if su.audit.most_seeds(passes(part).sum(), len(part)):
             passing.append(float(name.split("=")[1].split()[0]))  # "DP eps=10 (train)"
     return f"{max(passing):g}" if passing else "none"

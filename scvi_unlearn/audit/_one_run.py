@@ -207,8 +207,6 @@ class OneRunAudit:
         Guesses made (the highest and lowest scores, half each) and how many were right.
     canary_genes
         Genes each canary's counts were spread over.
-    consistent
-        ``epsilon_hat <= epsilon``: the audit found no contradiction with the accountant.
     """
 
     epsilon_hat: float

@@ -709,7 +709,7 @@ class DonorDPTrainingPlan(DPTrainingPlan):
     """DP-SGD whose privacy unit is the donor: per-donor clipping of the summed gradient.
 
     Each step the batch holds the sampled cells of the donors that joined (at most
-    ``cells_per_donor`` each, see :class:`DonorPoissonDataSplitter`). Donor ``d``'s
+    ``cells_per_donor`` each, see ``DonorPoissonDataSplitter``). Donor ``d``'s
     contribution is the gradient of the mean per-cell loss of its cells, clipped to L2 norm
     ``max_grad_norm`` (one backward pass per joining donor); the clipped contributions are
     summed, Gaussian noise ``noise_multiplier * max_grad_norm`` is added and the sum is divided
@@ -932,7 +932,8 @@ def train_dp(
         With ``privacy_unit="donor"``: expected donors per step (default
         ``round(batch_size / cells_per_donor)``, at least one).
     canaries
-        Run the one-run DP audit (:mod:`scvi_unlearn.audit._one_run`; Steinke et al. 2023):
+        Run the one-run DP audit (Steinke et al. 2023; see
+        :func:`~scvi_unlearn.audit.one_run_epsilon`):
         build this many canary cells (each the covariates and library size of a random
         training cell, its counts spread uniformly over ``canary_genes`` random genes), put
         each into training with probability 1/2, and after training guess which went in from
