@@ -26,6 +26,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -53,8 +54,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/dp_canaries")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite results.md from --out/results.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.report_only:
+        out = Path(args.out or "benchmarks/results/dp_canaries")
+        record = json.loads((out / "results.json").read_text())
+        report(out, record["rows"], record["epochs"], argparse.Namespace(**record["settings"]))
+        return
     if args.smoke:
         adata = su.data.synthetic_pbmc(n_cells=300, n_genes=100, seed=0)
         epochs, args.canaries, args.guesses = 2, 60, 20
@@ -104,6 +113,7 @@ def report(out: Path, rows: list[dict], epochs: int, args) -> None:
     """results.json and results.md."""
     dump_json({"settings": vars(args), "epochs": epochs, "rows": rows}, str(out / "results.json"))
     frame = pd.DataFrame(rows)
+    frame["delta"] = [f"{d:.2g}" for d in frame["delta"]]
     private = frame[frame.target_epsilon.notna()]
     verdict = (
         "every private row has epsilon-hat <= epsilon"
