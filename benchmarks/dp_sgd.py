@@ -149,7 +149,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.report_only:
         paths = sorted((out / "cells").glob("*.json"))
-        report(out, [json.loads(p.read_text()) for p in paths])
+        cells = [without_cell_names(json.loads(p.read_text())) for p in paths]
+        for path, cell in zip(paths, cells):
+            dump_json(cell, str(path))
+        report(out, cells)
         return
 
     adata, recipe, epochs = setup(args)
@@ -240,7 +243,7 @@ def run_forget_set(adata, recipe, epochs: int, forget_type: str, args, out: Path
                     rows.append(row(name, model, seconds, exact=on == "retained",
                                     privacy=summary, seed=seed))  # fmt: skip
     if "certified" in args.rows:
-        rows += certified_rows(target, adata, forget, row, args)
+        rows += certified_rows(target, adata, split, row, args)
     cell = {
         "dataset": "synthetic (smoke)" if args.smoke else args.dataset, "forget": forget_type,
         "target": args.target, "epochs": epochs, "train_on": args.train_on,
@@ -266,18 +269,22 @@ def dp_unit(unit: str, n_cells: int, args) -> dict:
     return {"privacy_unit": "donor", "donor_key": key}
 
 
-def certified_rows(target, adata, forget, row, args) -> list[dict]:
-    """``method='certified'`` on the target at each epsilon, run even where it refuses."""
+def certified_rows(target, adata, split, row, args) -> list[dict]:
+    """``method='certified'`` on the target at each epsilon, run even where it refuses.
+
+    A model the noise has made non-finite cannot be audited: its row says so, with no cell
+    named (the audit's error message names cells).
+    """
     rows = []
     for eps in args.epsilons:
-        t0 = time.perf_counter()
         try:
-            target.unlearn(forget, method="certified", epsilon=eps, **QUIET)
+            target.unlearn(split.forget, method="certified", epsilon=eps, **QUIET)
             refusal = None
         except su.train.NoiseDominatedError as err:
             refusal = str(err)
+        t0 = time.perf_counter()
         model = target.unlearn(
-            forget, method="certified", epsilon=eps, allow_noise_dominated=True,
+            split.forget, method="certified", epsilon=eps, allow_noise_dominated=True,
             damage_limit=None, **QUIET,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -285,10 +292,9 @@ def certified_rows(target, adata, forget, row, args) -> list[dict]:
         name = f"certified eps={eps:g}"
         try:
             record = row(name, model, seconds)
-        except ValueError as err:  # weights the noise made non-finite cannot be audited
-            record = {"forget": "", "model": name, "lira_auc": None, "verdict":
-                      "not auditable: " + str(err).split("\n")[0][:120],
-                      "overall": "failed (model destroyed)", "wall_s": seconds}  # fmt: skip
+        except ValueError:  # weights the noise made non-finite cannot be audited
+            record = {"model": name, "verdict": NOT_AUDITABLE, "overall": DESTROYED,
+                      "wall_s": seconds}  # fmt: skip
         record.update(
             certified_noise_std=cert["noise_std"], certified_steps=cert["steps"],
             certified_noise_to_weights=cert["noise_to_weights"],
@@ -298,6 +304,35 @@ def certified_rows(target, adata, forget, row, args) -> list[dict]:
         print({k: record.get(k) for k in ("model", "certified_noise_to_weights", "verdict")})
         rows.append(record)
     return rows
+
+
+#: Row-name prefixes of the DP-SGD rows and what they are.
+UNIT_LABELS = (("DP", "cell-level DP-SGD"), ("donor-DP", "donor-level DP-SGD"))
+#: A certified row whose weights the noise made non-finite.
+NOT_AUDITABLE = "not auditable: non-finite attack features (the noise destroyed the weights)"
+DESTROYED = "failed (model destroyed)"
+
+
+def certified_line(frame: pd.DataFrame) -> list[str]:
+    """One line on the certified rows: how much the noise outweighs the weights."""
+    rows = frame[frame.model.str.startswith("certified")]
+    if rows.empty:
+        return []
+    ratios = ", ".join(f"{r.model.split('=')[1]}: {r.certified_noise_to_weights:.3g}"
+                       for r in rows.itertuples())  # fmt: skip
+    refused = int(rows.refused_by_default.sum())
+    return [f"- certified unlearning: accumulated noise / weights' RMS by epsilon ({ratios}); "
+            f"refused by default at {refused} of {len(rows)} epsilons; "
+            f"{int((rows.overall == DESTROYED).sum())} of {len(rows)} models destroyed."
+            ]  # fmt: skip
+
+
+def without_cell_names(cell: dict) -> dict:
+    """A record made before rows said why they were not auditable without naming cells."""
+    for record in cell["rows"]:
+        if str(record.get("verdict", "")).startswith("not auditable"):
+            record["verdict"] = NOT_AUDITABLE
+    return cell
 
 
 def largest_epsilon(frame: pd.DataFrame, passes, prefix: str = "DP") -> str:
@@ -324,6 +359,12 @@ def report(out: Path, cells: list[dict]) -> None:
     summary = []
     for cell in cells:
         frame = pd.DataFrame(cell["rows"])
+        for column in ("lira_auc", "utility_vs_retrain", "time_vs_retrain"):
+            if column not in frame:
+                frame[column] = np.nan
+        frame["time_vs_retrain"] = frame["time_vs_retrain"].fillna(
+            frame["wall_s"] / cell["retrain_mean_s"]
+        )
         band = cell["retrain_band"]
         text += [
             f"## {cell['dataset']} / {cell['forget']} / {cell['target']}",
@@ -333,13 +374,19 @@ def report(out: Path, cells: list[dict]) -> None:
             f"`{cell['train_on']}` cells, {cell['dp_seeds']} seeds per epsilon. Retrain band "
             f"({cell['retrain_seeds']} seeds): {band[0]:.3f}-{band[1]:.3f}. Mean retrain "
             f"{cell['retrain_mean_s']:.0f} s, held-out neg. ELBO "
-            f"{cell['retrain_mean_heldout_neg_elbo']:.1f}. Largest epsilon inside the band in "
-            f"at least 2 of 3 seeds: **{largest_epsilon(frame, inside_band)}**; also keeping "
-            f"held-out neg. ELBO within 5% of retrain (forgotten): "
-            f"**{largest_epsilon(frame, forgotten)}**.",
+            f"{cell['retrain_mean_heldout_neg_elbo']:.1f}.",
             "",
-        ]
-        columns = [c for c in ("model", "seed", "dp_epsilon", "dp_noise_multiplier", "dp_steps",
+            *[f"- {label}: largest epsilon inside the band in at least 2 of 3 seeds: "
+              f"**{largest_epsilon(frame, inside_band, prefix)}**; also keeping held-out neg. "
+              f"ELBO within 5% of retrain (forgotten): "
+              f"**{largest_epsilon(frame, forgotten, prefix)}**."
+              for prefix, label in UNIT_LABELS
+              if frame.model.str.startswith(prefix).any()],
+            *certified_line(frame),
+            "",
+        ]  # fmt: skip
+        columns = [c for c in ("model", "seed", "dp_privacy_unit", "dp_n_units", "dp_epsilon",
+                               "dp_noise_multiplier", "dp_steps", "certified_noise_to_weights",
                                "lira_auc", "lira_low", "lira_high", "verdict", "loss_auc",
                                "utility_vs_retrain", "overall", "wall_s", "time_vs_retrain")
                    if c in frame]  # fmt: skip
@@ -347,9 +394,10 @@ def report(out: Path, cells: list[dict]) -> None:
         text.append("")
         for name, part in frame.groupby("model", sort=False):
             n_forgotten, n_inside = int(forgotten(part).sum()), int(inside_band(part).sum())
+            auc = part.lira_auc.astype(float)
             summary.append({
                 "forget set": cell["forget"], "model": name, "seeds": len(part),
-                "LiRA AUC": f"{part.lira_auc.mean():.3f}",
+                "LiRA AUC": f"{auc.mean():.3f}" if auc.notna().any() else "not auditable",
                 "band": f"{band[0]:.2f}-{band[1]:.2f}",
                 "inside band": f"{n_inside}/{len(part)}",
                 "forgotten seeds (band and utility)": f"{n_forgotten}/{len(part)}",

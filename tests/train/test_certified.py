@@ -152,3 +152,13 @@ def test_frozen_parameters_cannot_be_certified():
         model.unlearn(
             model.train_indices[:5], method="certified", epsilon=LOOSE, max_epochs=1, **QUIET
         )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"epsilon": 0.0}, "epsilon"), ({"epsilon": 1.0, "delta": 1.5}, "delta")]
+)
+def test_a_budget_out_of_range_is_refused_before_any_training(kwargs, match):
+    model = _model(n_cells=120)
+    with pytest.raises(ValueError, match=match):
+        model.unlearn(model.train_indices[:5], method="certified", max_epochs=1, **kwargs,
+                      **QUIET)  # fmt: skip
