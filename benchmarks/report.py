@@ -375,7 +375,7 @@ RECORDS: dict[str, tuple[Record, ...]] = {
             "One-run DP audit with canaries",
             "Is the accountant's epsilon contradicted by a one-run audit? 500 canaries on "
             "pbmc3k at epsilon 1/10/50 and without privacy.",
-            "python benchmarks/dp_canaries.py --threads 1",
+            "python benchmarks/dp_canaries.py --seeds 3 --threads 1",
             (Markdown(),),
         ),
         Record(
