@@ -80,6 +80,11 @@ def parse_key_value(text: str, what: str = "KEY=VALUE") -> tuple[str, str]:
     return key, value
 
 
+def first_names(names: list[str], limit: int = 3) -> str:
+    """The first ``limit`` names, comma-separated, with ``...`` when there are more (errors)."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def package_version() -> str:
     """The installed version of scvi-unlearn (``"0.0.0"`` when run from a source tree)."""
     try:

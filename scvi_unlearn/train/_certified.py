@@ -62,6 +62,7 @@ import torch
 from scvi import REGISTRY_KEYS
 
 from scvi_unlearn._compat import make_data_loader
+from scvi_unlearn._utils import first_names
 from scvi_unlearn.train._common import UnlearningTrainingPlan, seed_everything
 from scvi_unlearn.train._epochs import FixedEpochs
 from scvi_unlearn.train._method import TRAINING_PARAMS, PlanMethod, register_method, with_history
@@ -158,25 +159,18 @@ def certified_noise(
     return total / math.sqrt(2.0 * root_rho**2 * energy)
 
 
-def certified_epsilon(
-    noise_std: float,
-    delta: float,
-    *,
-    radius: float,
-    lr: float,
-    grad_clip: float,
-    steps: int,
-    weight_decay: float = 0.0,
-) -> float:
+def certified_epsilon(noise_std: float, delta: float, **schedule: float) -> float:
     """The epsilon that noisy clipped fine-tuning with ``noise_std`` certifies at ``delta``.
 
-    The inverse of :func:`certified_noise` (``inf`` without noise). Parameters as there.
+    The inverse of :func:`certified_noise` (``inf`` without noise); ``schedule`` holds its
+    keywords (``radius``, ``lr``, ``grad_clip``, ``steps``, optionally ``weight_decay``).
     """
     delta = _check_unit_interval("delta", delta)
-    _check_certificate_inputs(radius, lr, grad_clip, weight_decay, steps)
+    schedule = {"weight_decay": 0.0, **schedule}
+    _check_certificate_inputs(**schedule)
     if noise_std <= 0:
         return math.inf
-    total, energy = _shift_terms(radius, lr, grad_clip, weight_decay, steps)
+    total, energy = _shift_terms(**schedule)
     rho = total**2 / (2.0 * float(noise_std) ** 2 * energy)
     return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
@@ -198,9 +192,9 @@ def check_certifiable(module: torch.nn.Module) -> None:
     """
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
     if frozen:
-        shown = ", ".join(frozen[:3]) + (", ..." if len(frozen) > 3 else "")
         raise ValueError(
-            f"method='certified' cannot certify a model with frozen parameters ({shown}): "
+            "method='certified' cannot certify a model with frozen parameters "
+            f"({first_names(frozen)}): "
             "they keep what they learned from the forgotten cells and receive no noise. "
             "Unfreeze them (requires_grad_(True)) or use an exact method (method='retrain')."
         )

@@ -47,7 +47,7 @@ from scvi.train import TrainingPlan
 from torch.utils.data import DataLoader
 
 from scvi_unlearn._compat import max_epochs_heuristic, unregister_anndata, validate_anndata
-from scvi_unlearn._utils import dump_json
+from scvi_unlearn._utils import dump_json, first_names
 from scvi_unlearn._validation import as_cell_indices
 from scvi_unlearn.audit._one_run import (
     DEFAULT_CANARY_GENES,
@@ -132,12 +132,11 @@ def check_no_batch_norm(module: torch.nn.Module) -> None:
     """
     names = [name for name, layer in module.named_modules() if isinstance(layer, _BATCH_NORMS)]
     if names:
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(
-            f"The model has batch-norm layers ({shown}). Batch norm mixes the cells of a "
-            "minibatch, so per-cell gradients (and their clipping) no longer bound any one "
-            "cell's influence, and its running statistics are released unprotected. Build the "
-            'model with `use_batch_norm="none", use_layer_norm="both"`, e.g. '
+            f"The model has batch-norm layers ({first_names(names)}). Batch norm mixes the "
+            "cells of a minibatch, so per-cell gradients (and their clipping) no longer bound "
+            "any one cell's influence, and its running statistics are released unprotected. "
+            'Build the model with `use_batch_norm="none", use_layer_norm="both"`, e.g. '
             '`SCVI(adata, use_batch_norm="none", use_layer_norm="both")`.'
         )
 

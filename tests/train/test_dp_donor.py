@@ -7,6 +7,7 @@ import opacus  # noqa: F401  (in the test extra: a missing opacus fails, never s
 import pytest
 import scvi
 import torch
+from test_dp import LAYER_NORM, QUIET  # the DP tests' settings, shared
 
 import scvi_unlearn as su
 from scvi_unlearn.module import per_cell_loss_terms
@@ -18,9 +19,6 @@ from scvi_unlearn.train._dp import (
     donor_codes,
     privacy_spent,
 )
-
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False}
-LAYER_NORM = {"use_batch_norm": "none", "use_layer_norm": "both"}
 
 pytestmark = pytest.mark.dp
 
